@@ -1,0 +1,704 @@
+"""Where outputs land, and how they get there safely.
+
+Output tree, relative to the manifest's ``output`` folder::
+
+    <model-slug>/<prompt-slug>/<params-slug>__s<sample>[_<index>].<ext>     the image
+    <model-slug>/<prompt-slug>/<params-slug>__s<sample>[_<index>].json      its sidecar
+
+Invariants:
+
+- :func:`output_path` is pure and total: any model id, prompt (10 kB, NUL, ``../``, ``/``, emoji,
+  RTL text) and parameters give a relative path of components made only of ``[A-Za-z0-9._-]``,
+  that never start with ``.``, never end with ``.`` or ``-``, are never a Windows device name
+  (``CON``, ``NUL``, ``COM1``...), and are short (≤ 80 characters). Distinct jobs get distinct
+  paths, also on case-insensitive filesystems: prompt and parameter slugs end with a hash of
+  the exact text, and model slugs are either lower-case and injective or hashed too.
+- :func:`resolve_inside` refuses any path that would land outside the output root.
+- :func:`fetch` only speaks http(s), never sends an ``Authorization`` header or cookies (whatever
+  client it is given), caps the size while streaming, caps the total time, caps redirects, and
+  writes ``<dest>.part`` in the destination folder, fsyncs it and renames it into place only
+  after the bytes proved to be a complete image. On any failure the ``.part`` file is removed.
+  Memory use does not depend on the file size (fixed-size chunks, incremental hash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import http.cookiejar
+import json
+import os
+import re
+import struct
+import tempfile
+import unicodedata
+import warnings
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, Final, Protocol
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from . import __version__
+from .errors import DownloadError, ExpiredURLError
+
+#: longest readable part of a slug, before the hash suffix
+MAX_SLUG: Final = 64
+#: hex digits of sha256 appended to prompt and parameter slugs (48 bits: no practical collision)
+HASH_LEN: Final = 12
+DEFAULT_MAX_BYTES: Final = 200_000_000
+DEFAULT_TIMEOUT: Final = 120.0
+DEFAULT_MAX_REDIRECTS: Final = 5
+CHUNK: Final = 64 * 1024
+
+_WINDOWS_RESERVED: Final = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"COM{i}" for i in range(10)}
+    | {f"LPT{i}" for i in range(10)}
+)
+_UNSAFE_RUN: Final = re.compile(r"[^A-Za-z0-9._-]+")
+_CANONICAL_SEGMENT: Final = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
+_EXTENSIONS: Final[dict[str, str]] = {
+    "PNG": "png",
+    "JPEG": "jpg",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tif",
+    "AVIF": "avif",
+    "HEIF": "heic",
+    "JPEG2000": "jp2",
+    "ICO": "ico",
+}
+#: extensions fetch may swap for the real one (the caller's guess before the bytes arrived)
+_GUESSABLE: Final = frozenset({*_EXTENSIONS.values(), "jpeg", "tiff", "bin", "img", "image"})
+#: content types that cannot be an image; anything else is judged by its bytes
+_NOT_IMAGE_TYPES: Final = re.compile(
+    r"^(text/|application/(json|xml|javascript|x-javascript|xhtml\+xml|problem\+json|pdf)|"
+    r"video/|audio/|multipart/)"
+)
+
+
+# -- output paths ------------------------------------------------------------------------------
+
+
+class JobLike(Protocol):
+    """What :func:`output_path` reads of a job (``batchgen.store.Job`` or ``plan.JobSpec``)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def params(self) -> dict[str, Any]: ...
+    @property
+    def sample(self) -> int: ...
+
+
+def _digest(text: str) -> str:
+    # surrogatepass: a lone surrogate from a JSON file must still hash, not crash
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_LEN]
+
+
+def _readable(text: str, limit: int = MAX_SLUG) -> str:
+    """ASCII letters, digits, ``.``, ``_``, ``-`` only; no leading/trailing punctuation."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    cleaned = _UNSAFE_RUN.sub("_", ascii_text).strip("._-")
+    return cleaned[:limit].rstrip("._-")
+
+
+def _not_reserved(name: str) -> str:
+    """Prefix ``_`` to names Windows treats as devices (``CON``, ``con.txt``, ``COM1.png``)."""
+    stem = name.split(".", 1)[0].upper()
+    return f"_{name}" if stem in _WINDOWS_RESERVED else name
+
+
+def slug(text: str, *, fallback: str, limit: int = MAX_SLUG) -> str:
+    """A readable, filesystem-safe name unique to ``text``: ``<readable>-<hash of text>``."""
+    readable = _readable(text, limit) or fallback
+    return _not_reserved(f"{readable}-{_digest(text)}")
+
+
+def model_slug(model_id: str) -> str:
+    """``google/nano-banana/pro`` → ``google__nano-banana__pro``; unusual ids get a hash suffix."""
+    segments = model_id.split("/")
+    joined = "__".join(segments)
+    if len(joined) <= MAX_SLUG and all(_CANONICAL_SEGMENT.fullmatch(s) for s in segments):
+        # lower case, no "_" inside segments: the mapping is injective, even case-insensitively
+        return _not_reserved(joined)
+    return slug(model_id.replace("/", "__"), fallback="model")
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def params_slug(params: Mapping[str, Any]) -> str:
+    """``aspect_ratio-16_9_seed-5-<hash>`` from every parameter but the prompt."""
+    rest = {k: v for k, v in params.items() if k != "prompt"}
+    canonical = json.dumps(
+        rest, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str
+    )
+    readable_text = "_".join(f"{k}-{_value_text(v)}" for k, v in sorted(rest.items()))
+    readable = _readable(readable_text) or "default"
+    return _not_reserved(f"{readable}-{_digest(canonical)}")
+
+
+def _clean_ext(ext: str) -> str:
+    ext = ext.strip().lstrip(".").lower()
+    return ext if re.fullmatch(r"[a-z0-9]{1,10}", ext) else "bin"
+
+
+def path_for(
+    model: str, prompt: str, params: Mapping[str, Any], sample: int, index: int, ext: str
+) -> PurePosixPath:
+    """The relative output path of output ``index`` of one job (see the module docstring)."""
+    name = f"{params_slug(params)}__s{int(sample)}"
+    if index:
+        name += f"_{int(index)}"
+    return PurePosixPath(
+        model_slug(model), slug(prompt, fallback="prompt"), f"{name}.{_clean_ext(ext)}"
+    )
+
+
+def output_path(job: JobLike, index: int = 0, ext: str = "png") -> PurePosixPath:
+    """The relative output path of output ``index`` of ``job``."""
+    prompt = job.params.get("prompt", "")
+    return path_for(job.model, _value_text(prompt), job.params, job.sample, index, ext)
+
+
+def sidecar_path(image_path: Path) -> Path:
+    """The sidecar of an image: same folder, same stem, ``.json``."""
+    return image_path.with_name(image_path.name.rsplit(".", 1)[0] + ".json")
+
+
+def resolve_inside(root: Path, relative: PurePosixPath | str) -> Path:
+    """``root / relative`` as an absolute path, or DownloadError if it would leave ``root``."""
+    rel = PurePosixPath(relative)
+    text = str(relative)
+    if (
+        rel.is_absolute()
+        or not rel.parts
+        or any(part in ("..", ".") for part in rel.parts)
+        or "\\" in text
+        or "\x00" in text
+        or re.match(r"^[A-Za-z]:", text)
+    ):
+        raise DownloadError(
+            f"refusing output path {text[:120]!r}: it is not a plain relative path",
+            error_class="unsafe_path",
+        )
+    base = Path(root).resolve()
+    target = (base / Path(*rel.parts)).resolve()
+    if not target.is_relative_to(base):
+        # a symlink inside the tree pointing elsewhere
+        raise DownloadError(
+            f"refusing output path {text[:120]!r}: it resolves outside {base}",
+            error_class="unsafe_path",
+        )
+    return target
+
+
+# -- sidecars ----------------------------------------------------------------------------------
+
+
+def write_sidecar(path: Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as JSON at ``path`` atomically (temp file beside it, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def sidecar_record(
+    job: Any,
+    *,
+    index: int,
+    uri: str,
+    fetched: Fetched,
+    path: str,
+    request_id: str | None = None,
+    timings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The sidecar fields of one output of ``job`` (a ``store.Job``), in a stable order."""
+    params = dict(getattr(job, "params", {}) or {})
+    return {
+        "job_id": getattr(job, "id", None),
+        "sweep": getattr(job, "sweep", None),
+        "model": getattr(job, "model", None),
+        "prompt": params.get("prompt"),
+        "params": params,
+        "seed": params.get("seed"),
+        "sample": getattr(job, "sample", None),
+        "index": index,
+        "metadata": dict(getattr(job, "metadata", {}) or {}),
+        "request_id": request_id if request_id is not None else getattr(job, "request_id", None),
+        "uri": uri,
+        "file": path,
+        "bytes": fetched.bytes,
+        "sha256": fetched.sha256,
+        "width": fetched.width,
+        "height": fetched.height,
+        "content_type": fetched.content_type,
+        "timings": dict(timings or {}),
+    }
+
+
+# -- fetching ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """One stored download: where it is, its size, hash and image facts."""
+
+    path: Path
+    bytes: int
+    sha256: str
+    width: int | None
+    height: int | None
+    content_type: str | None
+    ext: str
+
+
+def make_download_client(
+    *,
+    max_connections: int = 8,
+    timeout: float = 30.0,
+    max_redirects: int = DEFAULT_MAX_REDIRECTS,
+) -> httpx.AsyncClient:
+    """An httpx client for output downloads: no Authorization header, no cookie jar, no auth."""
+    no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    return httpx.AsyncClient(
+        headers={"User-Agent": f"batchgen/{__version__}", "Accept": "image/*,*/*;q=0.5"},
+        cookies=no_cookies,
+        auth=None,
+        follow_redirects=False,  # fetch follows them itself, checking each hop
+        max_redirects=max_redirects,
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        ),
+    )
+
+
+def _shown(uri: str) -> str:
+    return repr(uri[:100] + ("…" if len(uri) > 100 else ""))
+
+
+def check_uri(uri: object) -> httpx.URL:
+    """The URL if batchgen may download it (http or https with a host), else DownloadError."""
+    text = uri if isinstance(uri, str) else repr(uri)
+    if not isinstance(uri, str) or not uri.strip():
+        raise DownloadError(
+            f"refusing to download {_shown(text)}: not a URL", error_class="bad_url"
+        )
+    scheme = uri.strip().split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme not in ("http", "https"):
+        raise DownloadError(
+            f"refusing to download {_shown(uri)}: only http and https URLs are fetched "
+            f"(scheme {scheme or 'missing'!r})",
+            uri=uri[:200],
+            error_class="bad_url",
+        )
+    try:
+        url = httpx.URL(uri.strip())
+    except httpx.InvalidURL as exc:
+        raise DownloadError(
+            f"refusing to download {_shown(uri)}: malformed URL ({exc})",
+            uri=uri[:200],
+            error_class="bad_url",
+        ) from exc
+    if not url.host:
+        raise DownloadError(
+            f"refusing to download {_shown(uri)}: the URL has no host",
+            uri=uri[:200],
+            error_class="bad_url",
+        )
+    return url
+
+
+def _status_error(response: httpx.Response, uri: str) -> DownloadError:
+    code = response.status_code
+    if code in (403, 404, 410):
+        return ExpiredURLError(
+            f"download {_shown(uri)}: HTTP {code} — the URL has expired or is gone",
+            uri=uri[:200],
+        )
+    error_class = "http_429" if code == 429 else "http_5xx" if code >= 500 else f"http_{code}"
+    return DownloadError(
+        f"download {_shown(uri)}: HTTP {code}", uri=uri[:200], error_class=error_class
+    )
+
+
+async def fetch(
+    client: httpx.AsyncClient,
+    uri: str,
+    dest: Path,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_redirects: int = DEFAULT_MAX_REDIRECTS,
+    require_image: bool = True,
+) -> Fetched:
+    """Download ``uri`` to ``dest`` (via ``<dest>.part``) and return what was stored.
+
+    When the bytes turn out to be another image format than ``dest``'s extension says, the real
+    extension replaces it: ``Fetched.path`` is where the file is. Raises DownloadError
+    (``error_class``: ``bad_url``, ``too_large``, ``timeout``, ``redirect_loop``, ``truncated``,
+    ``not_an_image``, ``connection``, ``http_<code>``) or ExpiredURLError (403/404/410).
+    """
+    check_uri(uri)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        try:
+            async with asyncio.timeout(timeout):
+                size, digest, content_type = await _stream_to(
+                    client,
+                    uri,
+                    part,
+                    max_bytes=max_bytes,
+                    max_redirects=max_redirects,
+                    require_image=require_image,
+                )
+        except TimeoutError as exc:
+            raise DownloadError(
+                f"download {_shown(uri)}: not finished after {timeout:g} s (download.timeout)",
+                uri=uri[:200],
+                error_class="timeout",
+            ) from exc
+        width: int | None = None
+        height: int | None = None
+        if require_image:
+            fmt, width, height = await asyncio.to_thread(_inspect_image, part, uri)
+            ext = _EXTENSIONS.get(fmt, fmt.lower())
+        else:
+            ext = _clean_ext(dest.suffix) if dest.suffix else "bin"
+        final = dest
+        current = dest.suffix.lstrip(".").lower()
+        if current != ext:
+            final = (
+                dest.with_suffix(f".{ext}")
+                if current in _GUESSABLE
+                else dest.with_name(f"{dest.name}.{ext}")
+            )
+        os.replace(part, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+        raise
+    return Fetched(final, size, digest, width, height, content_type, ext)
+
+
+async def _stream_to(
+    client: httpx.AsyncClient,
+    uri: str,
+    part: Path,
+    *,
+    max_bytes: int,
+    max_redirects: int,
+    require_image: bool,
+) -> tuple[int, str, str | None]:
+    """Follow redirects by hand, then stream the body into ``part``: (size, sha256, type)."""
+    request = client.build_request("GET", uri)
+    seen = [str(request.url)]
+    for hop in range(max_redirects + 1):
+        # whatever client we were given: the API token and cookies never reach a download host
+        for header in ("Authorization", "Proxy-Authorization", "Cookie"):
+            request.headers.pop(header, None)
+        try:
+            response = await client.send(request, stream=True, auth=None, follow_redirects=False)
+        except httpx.RemoteProtocolError as exc:
+            raise _network_error(exc, uri, started=False) from exc
+        except httpx.HTTPError as exc:
+            raise _network_error(exc, uri, started=False) from exc
+        try:
+            if response.next_request is not None:
+                target = str(response.next_request.url)
+                if hop == max_redirects:
+                    raise DownloadError(
+                        f"download {_shown(uri)}: more than {max_redirects} redirects",
+                        uri=uri[:200],
+                        error_class="redirect_loop",
+                    )
+                try:
+                    check_uri(target)
+                except DownloadError as exc:
+                    raise DownloadError(
+                        f"download {_shown(uri)}: redirected to {_shown(target)}, which is not "
+                        "an http(s) URL",
+                        uri=uri[:200],
+                        error_class="bad_url",
+                    ) from exc
+                if target in seen:
+                    raise DownloadError(
+                        f"download {_shown(uri)}: redirect loop back to {_shown(target)}",
+                        uri=uri[:200],
+                        error_class="redirect_loop",
+                    )
+                seen.append(target)
+                request = response.next_request
+                continue
+            return await _save_body(response, uri, part, max_bytes, require_image)
+        finally:
+            await response.aclose()
+    raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+
+async def _save_body(
+    response: httpx.Response, uri: str, part: Path, max_bytes: int, require_image: bool
+) -> tuple[int, str, str | None]:
+    if not 200 <= response.status_code < 300:
+        raise _status_error(response, uri)
+    content_type = response.headers.get("Content-Type")
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if require_image and media and _NOT_IMAGE_TYPES.match(media):
+        raise DownloadError(
+            f"download {_shown(uri)}: the server sent {media}, not an image",
+            uri=uri[:200],
+            error_class="not_an_image",
+        )
+    declared = response.headers.get("Content-Length")
+    expected = int(declared) if declared and declared.strip().isdigit() else None
+    if expected is not None and expected > max_bytes:
+        raise _too_large(uri, max_bytes, f"it announces {expected:,} bytes")
+    size = 0
+    batch: list[bytes] = []
+    batch_bytes = 0
+    with open(part, "wb") as handle, _Sink(handle) as sink:
+        try:
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _too_large(uri, max_bytes, "the body is longer")
+                batch.append(chunk)
+                batch_bytes += len(chunk)
+                if batch_bytes >= _BATCH:
+                    await sink.put(batch)
+                    batch, batch_bytes = [], 0
+        except httpx.HTTPError as exc:
+            raise _network_error(exc, uri, started=True) from exc
+        encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
+        if expected is not None and not encoded and response.num_bytes_downloaded != expected:
+            raise DownloadError(
+                f"download {_shown(uri)}: truncated — got {response.num_bytes_downloaded:,} of "
+                f"{expected:,} bytes",
+                uri=uri[:200],
+                error_class="truncated",
+            )
+        if batch:
+            await sink.put(batch)
+        digest = await sink.finish()
+    return size, digest, content_type
+
+
+#: bytes handed to the writer thread at once, and how many hand-offs may wait (memory bound)
+_BATCH: Final = 1024 * 1024
+_MAX_PENDING: Final = 2
+
+
+class _Sink:
+    """Hashes and writes chunks on one worker thread, in order, while the loop keeps reading.
+
+    sha256 and file writes release the GIL, so this overlaps them with HTTP parsing; at most
+    ``_MAX_PENDING`` batches wait, so memory stays bounded whatever the file size.
+    """
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self._digest = hashlib.sha256()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchgen-fetch")
+        self._pending: deque[asyncio.Future[None]] = deque()
+
+    def _write(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self._digest.update(chunk)
+            self._handle.write(chunk)
+
+    async def put(self, chunks: list[bytes]) -> None:
+        """Queue ``chunks`` for hashing and writing; wait while too many are queued."""
+        self._pending.append(asyncio.wrap_future(self._executor.submit(self._write, chunks)))
+        while len(self._pending) > _MAX_PENDING:
+            await self._pending.popleft()
+
+    async def finish(self) -> str:
+        """Wait for every write, flush and fsync the file; return the sha256 hex digest."""
+        while self._pending:
+            await self._pending.popleft()
+        await asyncio.wrap_future(self._executor.submit(_flush_and_sync, self._handle))
+        return self._digest.hexdigest()
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # on failure, queued writes are dropped and the running one finishes before the file
+        # is closed and removed
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _flush_and_sync(handle: BinaryIO) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _too_large(uri: str, max_bytes: int, why: str) -> DownloadError:
+    return DownloadError(
+        f"download {_shown(uri)}: larger than download.max_bytes ({max_bytes:,} bytes): {why}",
+        uri=uri[:200],
+        error_class="too_large",
+    )
+
+
+def _network_error(exc: httpx.HTTPError, uri: str, *, started: bool) -> DownloadError:
+    kind = type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        error_class = "timeout"
+    elif started and isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
+        error_class = "truncated"  # the connection closed in the middle of the body
+    elif isinstance(exc, httpx.UnsupportedProtocol):
+        error_class = "bad_url"
+    else:
+        error_class = "connection"
+    detail = re.sub(r"\s+", " ", str(exc))[:160] or "no detail"
+    return DownloadError(
+        f"download {_shown(uri)}: {kind}: {detail}", uri=uri[:200], error_class=error_class
+    )
+
+
+# -- image checks ------------------------------------------------------------------------------
+
+_PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
+
+
+def _inspect_image(path: Path, uri: str) -> tuple[str, int, int]:
+    """(PIL format, width, height) of a complete image file, else DownloadError.
+
+    Pixels are never decoded (memory stays flat); completeness is checked from the format's
+    structure: the PNG chunk chain up to IEND, the JPEG EOI marker, the RIFF size of WEBP, the
+    GIF trailer, and PIL's ``verify`` for other formats.
+    """
+    try:
+        with warnings.catch_warnings():
+            # dimensions are all we read: a huge canvas costs nothing here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                fmt = image.format or "UNKNOWN"
+                width, height = image.size
+                if fmt not in ("PNG", "JPEG", "WEBP", "GIF"):
+                    image.verify()
+    except Image.DecompressionBombError as exc:
+        raise DownloadError(
+            f"download {_shown(uri)}: the image has too many pixels to be real ({exc})",
+            uri=uri[:200],
+            error_class="not_an_image",
+        ) from exc
+    except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise DownloadError(
+            f"download {_shown(uri)}: the body is not an image PIL can read",
+            uri=uri[:200],
+            error_class="not_an_image",
+        ) from exc
+    except OSError as exc:  # PIL reports truncated headers and bad data as OSError
+        raise DownloadError(
+            f"download {_shown(uri)}: the image is truncated or corrupt ({exc})",
+            uri=uri[:200],
+            error_class="truncated",
+        ) from exc
+    problem = _structure_problem(path, fmt)
+    if problem:
+        raise DownloadError(
+            f"download {_shown(uri)}: the {fmt} image is {problem}",
+            uri=uri[:200],
+            error_class="truncated",
+        )
+    return fmt, width, height
+
+
+def _structure_problem(path: Path, fmt: str) -> str | None:
+    """Why the file is not a complete ``fmt`` image, or None (reads in fixed-size blocks)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        if fmt == "PNG":
+            return _png_problem(handle, size)
+        if fmt == "JPEG":
+            handle.seek(max(0, size - 4096))
+            tail = handle.read().rstrip(b"\x00\r\n ")
+            return None if tail.endswith(b"\xff\xd9") else "truncated (no end-of-image marker)"
+        if fmt == "WEBP":
+            header = handle.read(12)
+            declared = struct.unpack("<I", header[4:8])[0] + 8 if len(header) >= 8 else None
+            if declared is None or size < declared:
+                return f"truncated ({size:,} of {declared or '?'} bytes)"
+            return None
+        if fmt == "GIF":
+            handle.seek(max(0, size - 16))
+            tail = handle.read().rstrip(b"\x00")
+            return None if tail.endswith(b"\x3b") else "truncated (no trailer)"
+    return None
+
+
+def _png_problem(handle: BinaryIO, size: int) -> str | None:
+    """Walk the chunk headers (seeking over the data) up to IEND: catches any truncation."""
+    if handle.read(8) != _PNG_SIGNATURE:
+        return "not a PNG"
+    position = 8
+    while True:
+        head = handle.read(8)
+        if len(head) < 8:
+            return "truncated (no IEND chunk)"
+        length, kind = struct.unpack(">I4s", head)
+        position += 12 + length
+        if position > size:
+            return f"truncated (a {kind.decode('latin-1')} chunk ends past the {size:,} bytes)"
+        if kind == b"IEND":
+            return None
+        handle.seek(position)
+
+
+def ext_from_uri(uri: str, default: str = "png") -> str:
+    """The extension a URI's path suggests (``…/a.webp?sig=…`` → ``webp``), else ``default``."""
+    try:
+        path = httpx.URL(uri).path
+    except (httpx.InvalidURL, TypeError):
+        return default
+    name = path.rsplit("/", 1)[-1]
+    if "." in name:
+        ext = name.rsplit(".", 1)[1].lower()
+        if ext == "jpeg":
+            return "jpg"
+        if ext in _GUESSABLE:
+            return ext
+    return default
