@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ManifestError
@@ -30,10 +29,11 @@ if TYPE_CHECKING:
 class _RunningSimulator(Protocol):
     """What the provider needs of a started ``batchgen.simulator.Simulator``."""
 
-    base_url: str
-    token: str
-
-    def __exit__(self, *exc: object) -> object: ...
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def token(self) -> str: ...
+    def stop(self) -> None: ...
 
 
 class SimulatorProvider(RunComfyProvider):
@@ -54,7 +54,7 @@ class SimulatorProvider(RunComfyProvider):
             if not self._server_stopped:
                 self._server_stopped = True
                 # stopping joins the server thread or child process: keep the event loop free
-                await asyncio.to_thread(self.server.__exit__, None, None, None)
+                await asyncio.to_thread(self.server.stop)
 
 
 def simulator_config(settings: object = None) -> SimulatorConfig:
@@ -102,13 +102,10 @@ def start_simulator_provider(
     for forbidden in ("base_url", "token"):
         if forbidden in options:
             raise TypeError(f"the simulator provider sets {forbidden} itself")
-    config = simulator_config(simulator)
-    server: AbstractContextManager[Any] = (
-        Simulator(config, subprocess=True) if subprocess else Simulator(config)
-    )
-    running = server.__enter__()
+    server = Simulator(simulator_config(simulator), subprocess=subprocess)
+    server.start()
     try:
-        return SimulatorProvider(running, **options)
+        return SimulatorProvider(server, **options)
     except BaseException:
-        server.__exit__(None, None, None)
+        server.stop()
         raise
