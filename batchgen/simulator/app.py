@@ -507,7 +507,7 @@ def _num_images(params: dict[str, Any]) -> int:
 def _schema_errors(validator: Draft202012Validator, params: dict[str, Any]) -> list[dict[str, Any]]:
     """FastAPI-style ``detail`` entries, one per problem, each naming the field."""
     detail: list[dict[str, Any]] = []
-    for error in sorted(validator.iter_errors(params), key=lambda e: list(map(str, e.path))):
+    for error in validator.iter_errors(params):
         if error.validator == "required" and not error.path:
             missing = [name for name in error.validator_value if name not in params]
             for name in missing:
@@ -522,6 +522,8 @@ def _schema_errors(validator: Draft202012Validator, params: dict[str, Any]) -> l
                 "type": str(error.validator),
             }
         )
+    # One stable order whatever order the validator found them in.
+    detail.sort(key=lambda entry: ([str(part) for part in entry["loc"]], entry["type"]))
     return detail
 
 

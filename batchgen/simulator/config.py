@@ -327,6 +327,8 @@ def config_from_flags(values: dict[str, Any]) -> SimulatorConfig:
         if raw is None:
             continue
         if key == "fail_rate":
+            if values.get("job_failure") not in (None, raw):
+                raise ValueError("--fail-rate and --job-failure disagree: give one of them")
             key = "job_failure"
         if key in _FAULT_NAMES:
             faults[key] = raw

@@ -182,8 +182,12 @@ class Simulator:
         from .app import SimulatorState, build_app
 
         state = SimulatorState(self.config, self._registry)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose
+        # proto says TCP, and without it every answer (headers, then body) waits ~40 ms for a
+        # delayed ACK. The option on the listening socket is inherited as a second guard.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((self.config.host, self.config.port))
         except OSError:
