@@ -8,7 +8,8 @@ At the output root, next to the image tree the runner wrote, :func:`write_output
     ``datasets.load_dataset("imagefolder", data_dir=OUTPUT)`` loads the images with every other
     key as a column. Always written: it is the file the dataset tooling reads.
 ``images.csv`` / ``images.parquet``
-    The very same table (same columns, same order, same rows), on request. They are not named
+    The very same table (same columns, same order, same rows), on request; once there, every
+    later export (the one at the end of each run included) rewrites them too. They are not named
     ``metadata.csv`` / ``metadata.parquet`` on purpose: ``datasets`` refuses a folder holding
     metadata files of two formats ("Found metadata files with different extensions").
 ``failures.jsonl``
@@ -110,7 +111,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class ExportError(BatchgenError):
-    """The export cannot be made as asked (no state yet, a format it cannot write)."""
+    """The export cannot be made as asked: an unknown format, or one it cannot write here."""
 
     exit_code = 2
 
@@ -147,7 +148,8 @@ def write_outputs(
 
     :param store: the run's state
     :param manifest: the manifest the state belongs to (its ``output`` is the output root)
-    :param formats: table formats; ``"jsonl"`` is written whether named or not
+    :param formats: table formats; ``"jsonl"`` is written whether named or not, and so is a
+        ``csv`` / ``parquet`` table an earlier export left in the folder (kept in step)
     :param output_dir: where to write instead of ``manifest.output`` (tests, copies)
     """
     started = time.perf_counter()
@@ -159,9 +161,16 @@ def write_outputs(
         )
     root = Path(output_dir if output_dir is not None else manifest.output)
     root.mkdir(parents=True, exist_ok=True)
-    want_csv, want_parquet = "csv" in formats, "parquet" in formats
-    if want_parquet:
+    wanted = set(formats)
+    if "parquet" in wanted:
         _require_pyarrow()
+    # A table an earlier export wrote is rewritten too, so that it never disagrees with
+    # metadata.jsonl (the end-of-run export asks for jsonl only).
+    if (root / CSV_FILE).exists():
+        wanted.add("csv")
+    if (root / PARQUET_FILE).exists() and _have_pyarrow():
+        wanted.add("parquet")
+    want_csv, want_parquet = "csv" in wanted, "parquet" in wanted
 
     with _AtomicFiles(root) as files:
         spool = files.scratch("rows")
@@ -516,13 +525,19 @@ class _CsvWriter(_TableWriter):
         self.fh.close()
 
 
-def _require_pyarrow() -> None:
+def _have_pyarrow() -> bool:
     try:
         import pyarrow  # noqa: F401
-    except ImportError as exc:
+    except ImportError:
+        return False
+    return True
+
+
+def _require_pyarrow() -> None:
+    if not _have_pyarrow():
         raise ExportError(
             "--format parquet needs pyarrow, which is not installed: pip install pyarrow"
-        ) from exc
+        )
 
 
 class _ParquetWriter(_TableWriter):
