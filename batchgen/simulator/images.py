@@ -154,6 +154,38 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+#: text masks are cached only up to this font size (small images: a few kB each, 4096 of them)
+_CACHED_FONT_SIZE = 24
+
+
+def _line_mask(text: str, size: int) -> Image.Image:
+    if size <= _CACHED_FONT_SIZE:
+        return _small_line_mask(text, size)
+    return _render_line(text, size)
+
+
+@lru_cache(maxsize=4096)
+def _small_line_mask(text: str, size: int) -> Image.Image:
+    # Rasterising glyphs is most of the cost of a small image, and the same lines (model id,
+    # parameters, a prompt used with many seeds) recur across requests: keep their masks.
+    return _render_line(text, size)
+
+
+def _render_line(text: str, size: int) -> Image.Image:
+    font = _font(size)
+    right, bottom = font.getbbox(text)[2:]
+    mask = Image.new("L", (max(1, int(right)), max(1, int(bottom))), 0)
+    ImageDraw.Draw(mask).text((0, 0), text, font=font, fill=255)
+    return mask
+
+
+def _write(
+    image: Image.Image, xy: tuple[int, int], text: str, size: int, ink: tuple[int, ...]
+) -> None:
+    mask = _line_mask(text, size)
+    image.paste(ink, (xy[0], xy[1], xy[0] + mask.width, xy[1] + mask.height), mask)
+
+
 def _colours(key: ImageKey) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     digest = hashlib.sha256(
         f"{key.model_id}\n{key.params_json}\n{key.variant}\n{key.index}".encode()
@@ -172,18 +204,16 @@ def render(key: ImageKey) -> bytes:
     """The encoded image for ``key``."""
     background, ink = _colours(key)
     image = Image.new("RGB", (key.width, key.height), background)
-    draw = ImageDraw.Draw(image)
     margin = max(2, key.width // 40)
     # A band across the top marks the model, like a label on a print.
     font_size = max(8, min(key.width, key.height * 2) // 28)
-    font = _font(font_size)
     line_height = int(font_size * 1.25)
     band = (
         tuple(max(0, c - 40) for c in background)
         if ink[0] > 128
         else tuple(min(255, c + 40) for c in background)
     )
-    draw.rectangle((0, 0, key.width, line_height + 2 * margin), fill=band)
+    ImageDraw.Draw(image).rectangle((0, 0, key.width, line_height + 2 * margin), fill=band)
     params = json.loads(key.params_json)
     prompt = str(params.pop("prompt", ""))
     chars = max(8, int((key.width - 2 * margin) / (font_size * 0.55)))
@@ -193,12 +223,13 @@ def render(key: ImageKey) -> bytes:
     prompt_room = max(1, lines_room - len(param_lines) - 2)
     prompt_lines = textwrap.wrap(prompt, chars)[:prompt_room] or ["(no prompt)"]
     y = margin
-    draw.text((margin, y), key.model_id[:chars], font=font, fill=ink)
+    _write(image, (margin, y), key.model_id[:chars], font_size, ink)
     y += line_height + margin
     for line in [*prompt_lines, "", *param_lines, footer]:
         if y + line_height > key.height:
             break
-        draw.text((margin, y), line[:chars], font=font, fill=ink)
+        if line:
+            _write(image, (margin, y), line[:chars], font_size, ink)
         y += line_height
     buffer = io.BytesIO()
     if key.fmt == "png":
