@@ -76,13 +76,11 @@ def simulator(
 
 def total_calls(metrics: dict[str, Any]) -> dict[str, int]:
     """API calls per endpoint from the simulator's metrics (downloads excluded)."""
-    calls = metrics.get("calls", {})
-    out: dict[str, int] = {}
-    for endpoint in ("submit", "status", "result", "cancel"):
-        value = calls.get(endpoint, 0)
-        # an endpoint's entry is either a count or a {status code: count} mapping
-        out[endpoint] = sum(value.values()) if isinstance(value, dict) else int(value)
-    return out
+    by_endpoint = metrics["calls"]["by_endpoint"]  # {endpoint: {status code: count}}
+    return {
+        endpoint: sum(by_endpoint.get(endpoint, {}).values())
+        for endpoint in ("submit", "status", "result", "cancel")
+    }
 
 
 def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:

@@ -153,6 +153,8 @@ def measure(
             )
             if side not in best or figures["jobs_per_s"] > best[side]["jobs_per_s"]:
                 best[side] = figures
+    if set(best) != {"baseline", "batchgen"}:  # a one-sided run (profiling): no ratio to judge
+        return {"jobs": jobs, "concurrency": concurrency, "rounds": every, "ok": None}
     base, ours = best["baseline"], best["batchgen"]
     ratio_wall = round(ours["jobs_per_s"] / base["jobs_per_s"], 3)
     ratio_run = (
@@ -196,5 +198,27 @@ def run(small: bool) -> dict[str, Any]:
     return figures
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.overhead [--small] [--profile FILE]``: ``--profile`` runs batchgen's
+    round under cProfile (slower, so its figures are not the benchmark's) and saves the stats."""
+    import argparse
+    import pstats
+
+    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__)
+    parser.add_argument("--small", action="store_true", help="500 jobs instead of 5,000")
+    parser.add_argument("--profile", type=Path, help="cProfile batchgen's round into this file")
+    parser.add_argument("--jobs", type=int, help="override the job count")
+    args = parser.parse_args(argv)
+    if args.profile is None:
+        run(args.small)
+        return 0
+    jobs = args.jobs or (500 if args.small else 5000)
+    measure(jobs=jobs, concurrency=32, rounds=["batchgen"], profile_to=args.profile.resolve())
+    stats = pstats.Stats(str(args.profile))
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
+    return 0
+
+
 if __name__ == "__main__":
-    run(small="--small" in sys.argv[1:])
+    sys.exit(main())
