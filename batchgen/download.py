@@ -184,7 +184,7 @@ def resolve_inside(root: Path, relative: PurePosixPath | str) -> Path:
     if (
         rel.is_absolute()
         or not rel.parts
-        or any(part in ("..", ".") for part in rel.parts)
+        or any(part in ("..", ".") for part in text.split("/"))
         or "\\" in text
         or "\x00" in text
         or re.match(r"^[A-Za-z]:", text)
@@ -497,10 +497,10 @@ async def _save_body(
         except httpx.HTTPError as exc:
             raise _network_error(exc, uri, started=True) from exc
         encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
-        if expected is not None and not encoded and response.num_bytes_downloaded != expected:
+        # without a content encoding, the bytes we counted are the bytes on the wire
+        if expected is not None and not encoded and size != expected:
             raise DownloadError(
-                f"download {_shown(uri)}: truncated — got {response.num_bytes_downloaded:,} of "
-                f"{expected:,} bytes",
+                f"download {_shown(uri)}: truncated — got {size:,} of {expected:,} bytes",
                 uri=uri[:200],
                 error_class="truncated",
             )
