@@ -33,7 +33,7 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -124,7 +124,37 @@ SYNC_CHUNK = 20_000
 #: longest error text kept on a row or event; providers should be terse, HTML error pages are not
 MAX_MESSAGE = 4_000
 
-_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+def _json_encoder() -> Callable[[Any], str]:
+    """Compact JSON (UTF-8 kept, NaN refused), the fastest way the stdlib offers.
+
+    sync() encodes params and metadata of every job: the C encoder called directly costs a
+    third of ``JSONEncoder.encode``, which rebuilds it on every call. Without the C
+    accelerator (another Python implementation) the public encoder does the same job.
+    """
+    import json.encoder
+
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has it
+        return json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+    def default(value: object) -> object:
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+    # (markers, default, encoder, indent, key_separator, item_separator, sort_keys, skipkeys,
+    # allow_nan): no circular-reference markers — plan data is a tree.
+    iterencode = make(
+        None, default, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+    join = "".join
+
+    def encode(value: Any) -> str:
+        return join(iterencode(value, 0))
+
+    return encode
+
+
+_ENCODE = _json_encoder()
 
 _JOB_COLUMNS = (
     "id, sweep, model, params, prompt, sample, seed, metadata, state, in_manifest, attempts, "
@@ -337,6 +367,9 @@ class Store:
         # Random job ids make the primary-key index the hot spot of sync(); 64 MB of page cache
         # holds it for a million jobs (used on demand, not allocated up front).
         conn.execute("PRAGMA cache_size = -65536")
+        # A million-job sync is one transaction, so the WAL grows to the size of the new rows;
+        # once checkpointed it is cut back to this instead of staying that big on disk.
+        conn.execute("PRAGMA journal_size_limit = 67108864")
 
     def close(self) -> None:
         """Release the lock if held and close the database."""
@@ -480,25 +513,19 @@ class Store:
 
         Jobs the plan does not contain get ``in_manifest = 0``; jobs that come back get 1.
         Existing jobs are only written when their label (sweep, metadata, estimated cost,
-        position) changed, so an unchanged plan writes no row. Streams ``specs`` in chunks:
-        memory stays flat for millions of jobs. ``fingerprint`` (anything that identifies the
-        plan, e.g. a hash of the manifest and its prompt files) is recorded once the whole plan
-        is in, for `synced_fingerprint`; it is cleared first, so an interrupted sync is never
-        mistaken for a complete one.
+        position) changed, so an unchanged plan writes no row. ``specs`` is streamed in
+        chunks (memory stays flat for millions of jobs) inside one transaction: if the stream
+        raises half-way, the state is left exactly as it was. The ids of ``specs`` must be
+        distinct (``plan.iter_jobs`` yields each job once); a repeated id would be counted
+        twice in the report and could hide a job that left the manifest.
+
+        ``fingerprint`` (whatever identifies the plan, e.g. a hash of the manifest and the
+        files it reads) is recorded with the plan, for `synced_fingerprint`; without one, any
+        fingerprint recorded before is cleared, since it no longer describes the state.
         """
         self._writable()
         conn = self.db.conn
         now = _now()
-        with self._transaction() as tx:
-            tx.execute("DELETE FROM sync WHERE key = 'fingerprint'")
-            before, retired_before = tx.execute(
-                "SELECT count(*), count(*) FILTER (WHERE in_manifest = 0) FROM jobs"
-            ).fetchone()
-        # A fresh state has nothing to retire or restore: skip staging the ids.
-        staging = before > 0
-        if staging:
-            conn.execute("DROP TABLE IF EXISTS temp.sync_ids")
-            conn.execute("CREATE TEMP TABLE sync_ids (id TEXT PRIMARY KEY) WITHOUT ROWID")
         insert = (
             "INSERT INTO jobs (id, sweep, model, params, prompt, sample, seed, metadata, "
             "estimated_cost, position, created_at, updated_at) "
@@ -514,52 +541,62 @@ class Store:
         encode = _ENCODE
         specs_iter = iter(specs)
         seen = changed = 0
+        staging = False
         try:
-            while True:
-                # The only per-job Python work: build the row tuple.
-                rows = [
-                    (
-                        s.id,
-                        s.sweep,
-                        s.model,
-                        encode(s.params),
-                        s.params["prompt"],
-                        s.sample,
-                        s.params.get("seed"),
-                        encode(s.metadata),
-                        s.estimated_cost,
-                        s.position,
-                        now,
-                        now,
-                    )
-                    for s in islice(specs_iter, chunk_size)
-                ]
-                if not rows:
-                    break
-                with self._transaction() as tx:
+            with self._transaction() as tx:
+                before, retired_before = tx.execute(
+                    "SELECT count(*), count(*) FILTER (WHERE in_manifest = 0) FROM jobs"
+                ).fetchone()
+                # A fresh state has nothing to retire or restore: no need to stage the ids.
+                staging = before > 0
+                if staging:
+                    tx.execute("DROP TABLE IF EXISTS temp.sync_ids")
+                    # A plain (heap) table: appending costs a fifth of keeping a key order,
+                    # and it is only searched when the counts say some job left the manifest.
+                    tx.execute("CREATE TEMP TABLE sync_ids (id TEXT NOT NULL)")
+                while True:
+                    # The only per-job Python work: build the row tuple.
+                    rows = [
+                        (
+                            s.id,
+                            s.sweep,
+                            s.model,
+                            encode(s.params),
+                            s.params["prompt"],
+                            s.sample,
+                            s.params.get("seed"),
+                            encode(s.metadata),
+                            s.estimated_cost,
+                            s.position,
+                            now,
+                            now,
+                        )
+                        for s in islice(specs_iter, chunk_size)
+                    ]
+                    if not rows:
+                        break
                     changed += tx.executemany(insert, rows).rowcount
                     if staging:
-                        seen += tx.executemany(
-                            "INSERT OR IGNORE INTO temp.sync_ids (id) VALUES (?)",
-                            [(row[0],) for row in rows],
-                        ).rowcount
-                    else:
-                        seen += len(rows)
-            with self._transaction() as tx:
+                        tx.executemany(
+                            "INSERT INTO temp.sync_ids (id) VALUES (?)", [(row[0],) for row in rows]
+                        )
+                    seen += len(rows)
                 after, retired_mid, in_manifest = tx.execute(
                     "SELECT count(*), count(*) FILTER (WHERE in_manifest = 0), "
                     "count(*) FILTER (WHERE in_manifest = 1) FROM jobs"
                 ).fetchone()
                 retired = 0
-                # Every staged id is in the manifest now; anything else in it has left. The
-                # counts tell whether there is anything to look for before scanning.
+                # Every id of the plan is in the manifest now; anything else in it has left.
+                # With distinct ids the counts tell whether there is anything to look for.
                 if staging and in_manifest != seen:
                     retired = tx.execute(
                         "UPDATE jobs SET in_manifest = 0, updated_at = ? WHERE in_manifest = 1 "
                         "AND id NOT IN (SELECT id FROM temp.sync_ids)",
                         (now,),
                     ).rowcount
-                if fingerprint is not None:
+                if fingerprint is None:
+                    tx.execute("DELETE FROM sync WHERE key IN ('fingerprint', 'synced_at')")
+                else:
                     tx.execute(
                         "INSERT INTO sync (key, value) VALUES ('fingerprint', ?), "
                         "('synced_at', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
