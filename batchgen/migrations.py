@@ -108,6 +108,11 @@ class Migrations:
         if conn.in_transaction:
             raise StoreError("migrations must run outside a transaction")
         self._ensure_table(db)
+        if not self.pending(db):
+            # Up to date (the common case): no write lock taken, so opening a state while a
+            # runner is in a long transaction does not wait for it.
+            self._refuse_unknown(set(self.applied(db)))
+            return []
         ran: list[str] = []
         for step in self._steps:
             # Each step re-checks under the write lock: another process may have applied it

@@ -154,3 +154,14 @@ def test_two_openers_of_a_fresh_state_apply_each_step_once(tmp_path: Path) -> No
     names = [r[0] for r in conn.execute("SELECT name FROM _migrations ORDER BY rowid")]
     conn.close()
     assert names == migrations.names
+
+
+def test_opening_an_up_to_date_state_takes_no_write_lock(tmp_path: Path) -> None:
+    path = tmp_path / "busy.db"
+    with Store(path) as runner:
+        runner.db.conn.execute("BEGIN IMMEDIATE")  # a runner mid-way through a long sync
+        try:
+            with Store(path, busy_timeout=0.1) as status:
+                assert status.counts()["pending"] == 0
+        finally:
+            runner.db.conn.execute("ROLLBACK")
