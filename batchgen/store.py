@@ -799,7 +799,9 @@ class Store:
 
     def possible_duplicates(self) -> int:
         """Ambiguous submits that were resubmitted on purpose (may have been paid twice)."""
-        row = self.db.conn.execute("SELECT total(possible_duplicates) FROM jobs").fetchone()
+        row = self.db.conn.execute(
+            "SELECT total(possible_duplicates) FROM jobs WHERE possible_duplicates > 0"
+        ).fetchone()
         return int(row[0])
 
     def rate(self, window: float = 300.0) -> float:

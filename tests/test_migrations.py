@@ -13,7 +13,7 @@ from batchgen.errors import StoreError
 from batchgen.migrations import Migrations, migrations
 from batchgen.store import JobState, Store
 
-SHIPPED = ["m001_create_tables", "m002_create_indexes"]
+SHIPPED = ["m001_create_tables", "m002_create_indexes", "m003_create_money_indexes"]
 
 
 def _indexes(db: Database) -> set[str]:
@@ -53,9 +53,13 @@ def test_a_state_made_by_m001_only_is_upgraded(tmp_path: Path) -> None:
     db.close()
     with Store(path) as store:
         assert migrations.applied(store.db) == migrations.names
-        assert {"jobs_in_manifest_state_position", "events_job_id", "jobs_done_at"} <= _indexes(
-            store.db
-        )
+        assert {
+            "jobs_in_manifest_state_position",
+            "events_job_id",
+            "jobs_done_at",
+            "jobs_cost",
+            "jobs_possible_duplicates",
+        } <= _indexes(store.db)
         job = store.get("old1")
         assert job.state == JobState.FAILED and job.params == {"prompt": "p"}
         assert store.reset([JobState.FAILED]) == 1
@@ -68,7 +72,10 @@ def test_readonly_refuses_a_state_that_needs_upgrading(tmp_path: Path) -> None:
     db.conn.isolation_level = None
     migrations.apply(db, stop_after="m001_create_tables")
     db.close()
-    with pytest.raises(StoreError, match=r"needs upgrading \(m002_create_indexes not applied\)"):
+    with pytest.raises(
+        StoreError,
+        match=r"needs upgrading \(m002_create_indexes, m003_create_money_indexes not applied\)",
+    ):
         Store(path, readonly=True)
     Store(path).close()
     Store(path, readonly=True).close()

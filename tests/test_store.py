@@ -549,6 +549,18 @@ def test_next_pending_uses_the_index(store: Store) -> None:
     assert "COVERING INDEX jobs_in_manifest_state_position" in " ".join(r[3] for r in plan)
 
 
+def test_status_money_queries_read_an_index_not_the_table(store: Store) -> None:
+    seen: list[str] = []
+    store.db.conn.set_trace_callback(seen.append)
+    store.cost()
+    store.unpriced()
+    store.possible_duplicates()
+    store.db.conn.set_trace_callback(None)
+    for sql in seen:
+        plan = " ".join(r[3] for r in store.db.conn.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "COVERING INDEX" in plan, (sql, plan)
+
+
 def test_jobs_filters_by_state_and_streams(store: Store) -> None:
     store.sync(specs(range(25)))
     for n in (3, 7, 11):
