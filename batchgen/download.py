@@ -34,8 +34,9 @@ import struct
 import tempfile
 import unicodedata
 import warnings
+import zlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -285,7 +286,13 @@ def make_download_client(
     """An httpx client for output downloads: no Authorization header, no cookie jar, no auth."""
     no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     return httpx.AsyncClient(
-        headers={"User-Agent": f"batchgen/{__version__}", "Accept": "image/*,*/*;q=0.5"},
+        headers={
+            "User-Agent": f"batchgen/{__version__}",
+            "Accept": "image/*,*/*;q=0.5",
+            # images are compressed already; a server that still encodes is decoded by fetch
+            # in bounded steps (see _Inflate)
+            "Accept-Encoding": "identity",
+        },
         cookies=no_cookies,
         auth=None,
         follow_redirects=False,  # fetch follows them itself, checking each hop
@@ -480,27 +487,43 @@ async def _save_body(
     expected = int(declared) if declared and declared.strip().isdigit() else None
     if expected is not None and expected > max_bytes:
         raise _too_large(uri, max_bytes, f"it announces {expected:,} bytes")
-    size = 0
+    decoder: _Identity | _Inflate
+    if response.is_stream_consumed:
+        # an in-memory transport already read and decoded the whole body (httpx does that
+        # for byte content): nothing left to stream, cap or decode
+        decoder, expected, body = _Identity(), None, _once(response.content)
+    else:
+        decoder = _decoder(response.headers.get("Content-Encoding"), uri)
+        body = response.aiter_raw()
+    size = 0  # decoded bytes: what lands on disk, what the cap counts
+    wire = 0  # bytes as received: what Content-Length counts
     batch: list[bytes] = []
     batch_bytes = 0
     with open(part, "wb") as handle, _Sink(handle) as sink:
         try:
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise _too_large(uri, max_bytes, "the body is longer")
-                batch.append(chunk)
-                batch_bytes += len(chunk)
+            async for raw in body:
+                wire += len(raw)
+                for chunk in decoder.feed(raw):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise _too_large(uri, max_bytes, "the body is longer")
+                    batch.append(chunk)
+                    batch_bytes += len(chunk)
                 if batch_bytes >= _BATCH:
                     await sink.put(batch)
                     batch, batch_bytes = [], 0
         except httpx.HTTPError as exc:
             raise _network_error(exc, uri, started=True) from exc
-        encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
-        # without a content encoding, the bytes we counted are the bytes on the wire
-        if expected is not None and not encoded and size != expected:
+        except zlib.error as exc:
             raise DownloadError(
-                f"download {_shown(uri)}: truncated — got {size:,} of {expected:,} bytes",
+                f"download {_shown(uri)}: the compressed body is corrupt ({exc})",
+                uri=uri[:200],
+                error_class="bad_encoding",
+            ) from exc
+        if (expected is not None and wire != expected) or not decoder.complete:
+            got = f"got {wire:,} of {expected:,} bytes" if expected is not None else "cut short"
+            raise DownloadError(
+                f"download {_shown(uri)}: truncated — {got}",
                 uri=uri[:200],
                 error_class="truncated",
             )
@@ -508,6 +531,70 @@ async def _save_body(
             await sink.put(batch)
         digest = await sink.finish()
     return size, digest, content_type
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+class _Identity:
+    """No content encoding: bytes pass through."""
+
+    complete = True
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if data:
+            yield data
+
+
+class _Inflate:
+    """gzip / deflate, decoded in pieces of at most ``CHUNK`` bytes.
+
+    httpx's own decoders inflate a whole network chunk at once: a 64 kB gzip bomb would become
+    64 MB in one step. Bounded steps let the size cap stop it after ``CHUNK`` bytes instead.
+    """
+
+    def __init__(self, raw_deflate: bool = False) -> None:
+        # 47: zlib or gzip header, detected; -15: headerless deflate (some servers send it)
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS if raw_deflate else 32 + zlib.MAX_WBITS)
+        self._raw = raw_deflate
+        self._started = False
+
+    @property
+    def complete(self) -> bool:
+        """True once the compressed stream reached its end marker."""
+        return self._inflater.eof
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        try:
+            out = self._inflater.decompress(data, CHUNK)
+        except zlib.error:
+            if self._started or self._raw:
+                raise
+            # "deflate" without the zlib header: start over as raw deflate
+            self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            self._raw = True
+            out = self._inflater.decompress(data, CHUNK)
+        self._started = True
+        if out:
+            yield out
+        while self._inflater.unconsumed_tail:
+            out = self._inflater.decompress(self._inflater.unconsumed_tail, CHUNK)
+            if out:
+                yield out
+
+
+def _decoder(encoding: str | None, uri: str) -> _Identity | _Inflate:
+    value = (encoding or "identity").strip().lower()
+    if value in ("", "identity"):
+        return _Identity()
+    if value in ("gzip", "x-gzip", "deflate"):
+        return _Inflate()
+    raise DownloadError(
+        f"download {_shown(uri)}: unsupported Content-Encoding {value[:40]!r} (asked for identity)",
+        uri=uri[:200],
+        error_class="bad_encoding",
+    )
 
 
 #: bytes handed to the writer thread at once, and how many hand-offs may wait (memory bound)

@@ -8,6 +8,7 @@ what headers actually arrived).
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import io
 import json
@@ -860,3 +861,80 @@ async def test_a_slow_disk_does_not_make_memory_follow_the_file(
             tracemalloc.stop()
     assert fetched.sha256 == sent.hexdigest()
     assert peak < 12_000_000, f"peak traced memory {peak:,} bytes for a 32 MB file"
+
+
+# -- content encodings ----------------------------------------------------------------------------
+
+
+def encoded(body: bytes, encoding: str) -> Handler:
+    async def stream() -> AsyncIterator[bytes]:
+        yield body  # one network chunk: the worst case for a decompression bomb
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200,
+            content=stream(),
+            headers={"Content-Encoding": encoding, "Content-Type": "image/png"},
+        )
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", lambda data: zlib.compress(data)[2:-4]),  # headerless deflate
+    ],
+)
+async def test_encoded_bodies_are_decoded(
+    tmp_path: Path, encoding: str, compress: Callable[[bytes], bytes]
+) -> None:
+    async with mock_client(encoded(compress(PNG), encoding)) as client:
+        fetched = await fetch(client, "https://cdn.test/x.png", tmp_path / "x.png")
+    assert fetched.sha256 == hashlib.sha256(PNG).hexdigest()
+    assert (tmp_path / "x.png").read_bytes() == PNG
+
+
+async def test_a_gzip_bomb_stops_at_the_cap_without_inflating_in_memory(tmp_path: Path) -> None:
+    bomb = gzip.compress(b"\0" * 50_000_000, compresslevel=9)
+    assert len(bomb) < 100_000
+    async with mock_client(encoded(bomb, "gzip")) as client:
+        tracemalloc.start()
+        try:
+            with pytest.raises(DownloadError, match="max_bytes") as info:
+                await fetch(client, "https://cdn.test/x.png", tmp_path / "x.png", max_bytes=300_000)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert info.value.error_class == "too_large"
+    assert peak < 3_000_000, f"peak traced memory {peak:,} bytes while refusing a gzip bomb"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding", "error_class"),
+    [
+        (b"\x1f\x8b\x08\x00garbage-not-gzip" * 10, "gzip", "bad_encoding"),
+        (gzip.compress(PNG)[:-30], "gzip", "truncated"),
+        (PNG, "br", "bad_encoding"),
+        (PNG, "gzip, br", "bad_encoding"),
+    ],
+)
+async def test_bad_encodings(tmp_path: Path, body: bytes, encoding: str, error_class: str) -> None:
+    async with mock_client(encoded(body, encoding)) as client:
+        with pytest.raises(DownloadError) as info:
+            await fetch(client, "https://cdn.test/x.png", tmp_path / "x.png")
+    assert info.value.error_class == error_class, str(info.value)
+    assert leftovers(tmp_path) == []
+
+
+async def test_socket_download_asks_for_identity_encoding(tmp_path: Path) -> None:
+    async def ok(writer: asyncio.StreamWriter) -> None:
+        writer.write(head(len(PNG)) + PNG)
+        await writer.drain()
+
+    async with RawServer(ok) as server, make_download_client() as client:
+        await fetch(client, server.url, tmp_path / "a.png")
+    assert server.requests[0]["accept-encoding"] == "identity"
