@@ -134,8 +134,12 @@ def test_subprocess_simulator_serves_metrics_and_resets_over_http() -> None:
 
 def test_simulator_refuses_to_start_twice_and_stop_is_idempotent() -> None:
     sim = Simulator(SimulatorConfig(latency=0))
-    with sim, pytest.raises(RuntimeError, match="already running"):
-        sim.start()
+    with sim:
+        with pytest.raises(RuntimeError, match="already running"):
+            sim.start()
+        httpx.get(f"{sim.base_url}/v1/requests/x/status")
     sim.stop()
+    # the final figures stay readable once it stopped
+    assert sim.metrics()["calls"]["by_endpoint"]["status"] == {"400": 1}
     with pytest.raises(RuntimeError, match="not running"):
         _ = sim.base_url

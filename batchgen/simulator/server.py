@@ -138,7 +138,13 @@ class Simulator:
     # metrics -------------------------------------------------------------------------------
 
     def metrics(self, *, timeline: bool = False) -> dict[str, Any]:
-        """The JSON of ``GET /_simulator/metrics`` (``timeline=True`` adds per-request rows)."""
+        """The JSON of ``GET /_simulator/metrics`` (``timeline=True`` adds per-request rows).
+
+        In-process simulators still answer after ``stop()`` (the final figures); a subprocess
+        one only while it runs.
+        """
+        if self._state is not None and self._thread is None:
+            return self._state.snapshot(timeline=timeline)  # stopped: no other thread writes
         if self._state is not None and self._loop is not None:
             state = self._state
 
@@ -152,6 +158,9 @@ class Simulator:
 
     def reset_metrics(self) -> None:
         """Zero the counters (requests and their states are kept)."""
+        if self._state is not None and self._thread is None:
+            self._state.metrics.reset()
+            return
         if self._state is not None and self._loop is not None:
             state = self._state
 
