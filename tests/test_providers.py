@@ -34,6 +34,7 @@ from batchgen.providers.runcomfy import (
     RunComfyProvider,
     parse_retry_after,
 )
+from batchgen.providers.simulator import SimulatorProvider
 
 TOKEN = "rc_live_SECRET_7f3a9b2c1d"
 BASE = "https://api.test"
@@ -930,3 +931,23 @@ async def test_simulator_provider_starts_and_stops_its_server(
 def test_simulator_settings_errors_are_manifest_errors(sim_factory: Any) -> None:
     with pytest.raises(ManifestError, match="simulator"):
         get_provider("simulator", simulator={"workers": 0})
+
+
+async def test_simulator_provider_takes_the_manifest_settings(sim_factory: Any) -> None:
+    manifest = pytest.importorskip("batchgen.manifest")
+    settings = manifest.SimulatorSettings(
+        workers=3, latency="10ms", seed=4, faults={"job_failure": 1.0}
+    )
+    provider = get_provider("simulator", simulator=settings, max_connections=4)
+    assert isinstance(provider, SimulatorProvider)
+    config = provider.server.config
+    assert (config.workers, config.latency, config.seed, config.image_mode) == (
+        3,
+        (0.01, 0.01),
+        4,
+        "small",
+    )
+    async with provider:
+        submission = await provider.submit(MODEL, {"prompt": "doomed"})
+        result = await _wait_result(provider, submission.request_id)
+    assert result.status == "failed" and result.error
