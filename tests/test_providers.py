@@ -951,3 +951,20 @@ async def test_simulator_provider_takes_the_manifest_settings(sim_factory: Any) 
         submission = await provider.submit(MODEL, {"prompt": "doomed"})
         result = await _wait_result(provider, submission.request_id)
     assert result.status == "failed" and result.error
+
+
+async def test_a_failed_results_text_is_cleaned_and_cut() -> None:
+    body = {"status": "failed", "error": "line1\nline2\x00" + "z" * 50_000 + TOKEN}
+    async with make(answer(200, body)) as provider:
+        result = await provider.result(RID)
+    assert isinstance(result.error, str)
+    assert result.error.startswith("line1 line2")
+    assert len(result.error) <= 2000 and TOKEN not in result.error
+
+
+async def test_advertised_urls_are_cut() -> None:
+    body = {"request_id": RID, "status_url": "https://x/" + "a" * 100_000}
+    async with make(answer(200, body)) as provider:
+        submission = await provider.submit(MODEL, {"prompt": "x"})
+    assert submission.status_url is not None and len(submission.status_url) == 2048
+    assert submission.result_url is None

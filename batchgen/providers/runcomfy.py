@@ -72,6 +72,8 @@ TOKEN_ENV: Final = "RUNCOMFY_API_TOKEN"
 REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 #: longest server-provided text kept in an error message
 MAX_MESSAGE: Final = 300
+#: longest failure text kept from a ``failed`` result's string ``error``
+MAX_ERROR_TEXT: Final = 2000
 #: most bytes read from any API answer (real answers are a few kB)
 MAX_BODY: Final = 4 * 1024 * 1024
 #: a longer Retry-After is clamped (a hostile or buggy header must not stall a run for days)
@@ -634,11 +636,10 @@ class RunComfyProvider(Provider):
                 status_code=http_status,
                 error_class="ambiguous_submit",
             )
+        # informational only (never requested); cut so a hostile answer cannot bloat the state
+        urls = {k: _str_or_none(body.get(k)) for k in ("status_url", "result_url", "cancel_url")}
         return Submission(
-            request_id=request_id,
-            status_url=_str_or_none(body.get("status_url")),
-            result_url=_str_or_none(body.get("result_url")),
-            cancel_url=_str_or_none(body.get("cancel_url")),
+            request_id=request_id, **{k: v[:2048] if v else v for k, v in urls.items()}
         )
 
     async def status(self, request_id: str) -> RemoteStatus:
@@ -686,6 +687,9 @@ class RunComfyProvider(Provider):
         if status == STATUS_FAILED and not has_error:
             _, text = error_fields({k: body.get(k) for k in ("error_message", "message", "detail")})
             error = text or None
+        if isinstance(error, str):
+            # shown to users as the job's reason: one clean line of bounded length
+            error = self._redact.text(error, MAX_ERROR_TEXT)
         return RemoteResult(
             status=status,
             outputs=outputs,
