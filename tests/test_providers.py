@@ -968,3 +968,16 @@ async def test_advertised_urls_are_cut() -> None:
         submission = await provider.submit(MODEL, {"prompt": "x"})
     assert submission.status_url is not None and len(submission.status_url) == 2048
     assert submission.result_url is None
+
+
+async def test_a_percent_encoded_echo_of_the_token_is_redacted_too() -> None:
+    token = "rc+SECRET/abc="
+    quoted = "rc%2BSECRET%2Fabc%3D"
+    body = {"status": "failed", "error": {"url": f"https://x/?t={quoted}"}}
+    async with make(answer(200, body), token=token) as provider:
+        result = await provider.result(RID)
+    assert quoted not in json.dumps(result.raw) and token not in json.dumps(result.raw)
+    async with make(answer(400, {"error_message": f"bad {quoted} and {token}"}), token=token) as p:
+        with pytest.raises(JobRejectedError) as info:
+            await p.submit(MODEL, {"prompt": "x"})
+    assert quoted not in str(info.value) and token not in str(info.value)

@@ -186,6 +186,10 @@ class _Redactor:
     def __init__(self, secret: str) -> None:
         self._secrets = [s for s in {secret, quote(secret, safe="")} if s]
 
+    def found_in(self, raw: bytes) -> bool:
+        """Whether ``raw`` carries the token (plain or percent-encoded)."""
+        return any(secret.encode() in raw for secret in self._secrets)
+
     def text(self, value: str, limit: int = MAX_MESSAGE) -> str:
         for secret in self._secrets:
             value = value.replace(secret, "[redacted]")
@@ -580,7 +584,6 @@ class RunComfyProvider(Provider):
         )
         self.include_cost = include_cost
         self._redact = _Redactor(secret)
-        self._secret_bytes = secret.encode()
         if not isinstance(timeout, httpx.Timeout):
             timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
         self._client = httpx.AsyncClient(
@@ -757,7 +760,7 @@ class RunComfyProvider(Provider):
             time.perf_counter() - started,
         )
         body = _parse_json(raw) if complete else None
-        if body is not None and self._secret_bytes in raw:
+        if body is not None and self._redact.found_in(raw):
             body = self._redact.json(body)
         if body is None and raw and not (200 <= response.status_code < 300):
             # a non-JSON error page: its text is the message
