@@ -516,12 +516,18 @@ def _sheet_paths(out: Path, z: _Axis | None) -> list[Path]:
     ]
 
 
-def _save_png(img: Image.Image, path: Path) -> None:
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def _save(img: Image.Image, path: Path) -> None:
+    """Write the sheet atomically; the format follows the suffix (PNG unless .jpg or .webp)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = _FORMATS.get(path.suffix.lower(), "PNG")
+    options: dict[str, Any] = {"compress_level": 6} if fmt == "PNG" else {"quality": 90}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        img.save(tmp, format="PNG", optimize=True)
+        img.save(tmp, format=fmt, **options)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -599,7 +605,7 @@ def make_grid(
     zkeys = az.keys if az else [""]
     for path, zk in zip(paths, zkeys, strict=True):
         sheet = _draw_sheet(manifest, sweep, layout, ax, ay, az, zk, tiles)
-        _save_png(sheet, path)
+        _save(sheet, path)
     return paths
 
 
