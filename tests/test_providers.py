@@ -455,7 +455,8 @@ async def test_retry_after_seconds_and_http_date() -> None:
             await provider.status(RID)
     assert seconds.value.retry_after == 7.0
     assert "retry after 7 s" in str(seconds.value)
-    async with make(answer(429, None, {"Retry-After": HTTP_DATE})) as provider:
+    fresh = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    async with make(answer(429, None, {"Retry-After": fresh})) as provider:
         with pytest.raises(RateLimitedError) as date:
             await provider.submit(MODEL, {"prompt": "x"})
     assert date.value.retry_after is not None and 25 <= date.value.retry_after <= 30
