@@ -10,9 +10,10 @@ Invariants:
 - :func:`output_path` is pure and total: any model id, prompt (10 kB, NUL, ``../``, ``/``, emoji,
   RTL text) and parameters give a relative path of components made only of ``[A-Za-z0-9._-]``,
   that never start with ``.``, never end with ``.`` or ``-``, are never a Windows device name
-  (``CON``, ``NUL``, ``COM1``...), and are short (≤ 80 characters). Distinct jobs get distinct
-  paths, also on case-insensitive filesystems: prompt and parameter slugs end with a hash of
-  the exact text, and model slugs are either lower-case and injective or hashed too.
+  (``CON``, ``NUL``, ``COM1``...), and are short (≤ 80 characters each, about 210 in all).
+  Distinct jobs get distinct paths, also on case-insensitive filesystems: prompt and parameter
+  slugs end with a hash of the exact text, and model slugs are either lower-case and injective
+  or hashed too.
 - :func:`resolve_inside` refuses any path that would land outside the output root.
 - :func:`fetch` only speaks http(s), never sends an ``Authorization`` header or cookies (whatever
   client it is given), caps the size while streaming, caps the total time, caps redirects, and
@@ -48,8 +49,11 @@ from PIL import Image, UnidentifiedImageError
 from . import __version__
 from .errors import DownloadError, ExpiredURLError
 
-#: longest readable part of a slug, before the hash suffix
-MAX_SLUG: Final = 64
+#: longest readable part of a slug, before the hash suffix: keeps whole relative paths near
+#: 210 characters at worst, inside Windows' 260 (MAX_PATH) with a reasonable output folder
+MAX_SLUG: Final = 48
+#: longest model slug kept without a hash (model ids are short; longer ones are hashed)
+MAX_MODEL_SLUG: Final = 64
 #: hex digits of sha256 appended to prompt and parameter slugs (48 bits: no practical collision)
 HASH_LEN: Final = 12
 DEFAULT_MAX_BYTES: Final = 200_000_000
@@ -127,7 +131,7 @@ def model_slug(model_id: str) -> str:
     """``google/nano-banana/pro`` → ``google__nano-banana__pro``; unusual ids get a hash suffix."""
     segments = model_id.split("/")
     joined = "__".join(segments)
-    if len(joined) <= MAX_SLUG and all(_CANONICAL_SEGMENT.fullmatch(s) for s in segments):
+    if len(joined) <= MAX_MODEL_SLUG and all(_CANONICAL_SEGMENT.fullmatch(s) for s in segments):
         # lower case, no "_" inside segments: the mapping is injective, even case-insensitively
         return _not_reserved(joined)
     return slug(model_id.replace("/", "__"), fallback="model")

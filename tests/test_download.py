@@ -938,3 +938,16 @@ async def test_socket_download_asks_for_identity_encoding(tmp_path: Path) -> Non
     async with RawServer(ok) as server, make_download_client() as client:
         await fetch(client, server.url, tmp_path / "a.png")
     assert server.requests[0]["accept-encoding"] == "identity"
+
+
+def test_worst_case_paths_stay_short() -> None:
+    rel = path_for(
+        "Vendor_X/" + "m" * 300,
+        "p" * 10_000,
+        {"prompt": "p", "negative_prompt": "n" * 5_000, "loras": [{"path": "x" * 500}]},
+        999_999,
+        99,
+        "jpeg2000x",
+    )
+    assert_portable(rel)
+    assert len(str(rel)) <= 215, len(str(rel))
