@@ -285,7 +285,6 @@ def make_download_client(
     *,
     max_connections: int = 8,
     timeout: float = 30.0,
-    max_redirects: int = DEFAULT_MAX_REDIRECTS,
 ) -> httpx.AsyncClient:
     """An httpx client for output downloads: no Authorization header, no cookie jar, no auth."""
     no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
@@ -300,7 +299,6 @@ def make_download_client(
         cookies=no_cookies,
         auth=None,
         follow_redirects=False,  # fetch follows them itself, checking each hop
-        max_redirects=max_redirects,
         timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         limits=httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
