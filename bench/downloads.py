@@ -240,8 +240,8 @@ def run(small: bool) -> dict[str, Any]:
         "loopback": loopback,
         f"link_{LINK_RATE // MB}MBps": linked,
         "rss_growth_bytes": {
-            f"{little_size // MB} MB": grow_little,
-            f"{big_size // MB} MB": grow_big,
+            f"{round(little_size / MB)} MB": grow_little,
+            f"{round(big_size / MB)} MB": grow_big,
         },
         "rss_growth_delta_bytes": delta,
         "targets": {
