@@ -319,7 +319,7 @@ class Store:
     ) -> None:
         if (path is None) == (not memory):
             raise ValueError("Store needs a path or memory=True, not both")
-        self.path: Path | None = None if memory else Path(path).resolve()  # type: ignore[arg-type]
+        self.path: Path | None = None if path is None else Path(path).resolve()
         #: the run transitions are attributed to in events (set by start_run)
         self.run_id: int | None = None
         self._lock_fd: int | None = None

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,20 +18,7 @@ import pytest
 
 from batchgen import migrations as schema
 from batchgen.errors import StateLockedError, StoreError, TransitionError
-
-
-@dataclass(frozen=True, slots=True)
-class JobSpec:  # TEMP until batchgen.plan lands
-    id: str
-    sweep: str
-    model: str
-    params: dict[str, Any]
-    sample: int
-    metadata: dict[str, Any]
-    estimated_cost: float | None
-    position: int
-
-
+from batchgen.plan import JobSpec
 from batchgen.store import (
     MAX_MESSAGE,
     TERMINAL_STATES,
