@@ -353,7 +353,9 @@ STATUS_CASES: list[tuple[str, int, Any, dict[str, str], type[ProviderError], str
         JobRejectedError,
         "not_found",
     ),
-    ("result", 404, None, {}, JobRejectedError, "not_found"),
+    ("result", 404, {"detail": "Not Found"}, {}, JobRejectedError, "not_found"),
+    ("result", 404, None, {}, FatalProviderError, "config"),
+    ("submit", 404, "<html>404 Not Found</html>", {}, FatalProviderError, "config"),
     ("cancel", 404, {"error_code": 404001}, {}, JobRejectedError, "not_found"),
     (
         "status",

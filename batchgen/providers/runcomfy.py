@@ -276,8 +276,11 @@ def classify_error(
     retry_after: float | None = None,
     subject: str = "",
     redactor: _Redactor | None = None,
+    from_api: bool = True,
 ) -> ProviderError:
     """The exception for an error answer (``http_status`` ≥ 300, or a 2xx carrying an error_code).
+
+    ``from_api`` is False when the body was not a JSON object (an HTML error page, say).
 
     ========================  ====================  ==========================================
     answer                    submit                status / result / cancel
@@ -290,6 +293,7 @@ def classify_error(
     400004, 401001            Fatal auth            Fatal auth
     404, 404001, 400001       JobRejected           JobRejected not_found
                               unknown_model
+    404 page, not JSON        Fatal config          Fatal config
     408                       Transient timeout     Transient timeout
     400, 422                  JobRejected           JobRejected bad_request
                               bad_request
@@ -357,6 +361,15 @@ def classify_error(
     if status == 402:
         return FatalProviderError(
             f"{head} — insufficient balance; top up the account", error_class="funds", **kw
+        )
+    if status == 404 and code is None and not from_api:
+        # a 404 page that is not a JSON answer: the base URL points somewhere else — stop
+        # rather than fail every job one by one
+        return FatalProviderError(
+            f"{head} — this does not look like the RunComfy Model API (a 404 page, not a JSON "
+            f"error); check {BASE_URL_ENV}",
+            error_class="config",
+            **kw,
         )
     if status == 404 or code in (404001, 400001):
         if submit:
@@ -762,6 +775,7 @@ class RunComfyProvider(Provider):
         body = _parse_json(raw) if complete else None
         if body is not None and self._redact.found_in(raw):
             body = self._redact.json(body)
+        from_api = isinstance(body, dict)
         if body is None and raw and not (200 <= response.status_code < 300):
             # a non-JSON error page: its text is the message
             body = {"message": raw[:4096].decode("utf-8", "replace")}
@@ -774,6 +788,7 @@ class RunComfyProvider(Provider):
                 retry_after=parse_retry_after(response.headers.get("Retry-After")),
                 subject=subject,
                 redactor=self._redact,
+                from_api=from_api,
             )
         return response.status_code, response.headers, body
 
