@@ -238,7 +238,7 @@ def _read_yaml(path: Path) -> tuple[Any, dict[str, int], bytes]:
         node = loader.get_single_node()
         if node is None:
             raise ManifestError.at(
-                file, 1, "", "the manifest is empty; it needs at least `name` and `sweeps`"
+                file, 1, "name", "the manifest is empty; it needs at least `name` and `sweeps`"
             )
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
@@ -246,6 +246,9 @@ def _read_yaml(path: Path) -> tuple[Any, dict[str, int], bytes]:
         where: int | None = mark.line + 1 if mark else None
         problem = exc.problem or "invalid YAML"
         context = f" ({exc.context})" if exc.context else ""
+        if exc.context_mark is not None and exc.problem_mark is not None:
+            if exc.context_mark.line != exc.problem_mark.line:
+                context = f" ({exc.context} that starts at line {exc.context_mark.line + 1})"
         key = _syntax_error_path(text)
         if "expected a single document" in problem or "but found another document" in problem:
             problem = "more than one YAML document; a manifest is a single document"
@@ -841,7 +844,8 @@ def _line(lines: dict[str, int], key: str) -> int | None:
             return lines[probe]
         cut = max(probe.rfind("."), probe.rfind("["))
         probe = probe[:cut] if cut > 0 else ""
-    return 1 if lines else None
+    # a missing top-level key: point at the start of the document
+    return min(lines.values()) if lines else None
 
 
 def load_manifest(path: str | Path) -> Manifest:

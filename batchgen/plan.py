@@ -563,7 +563,8 @@ def _check_overlaps(manifest: Manifest, registry: ModelRegistry) -> None:
                             f"sweeps[{index}]",
                             f"{manifest.sweep_label(index)} plans {shared} job(s) that "
                             f"{manifest.sweep_label(other)} already plans (same model, "
-                            f"parameters {cell.values or '{}'} and prompt); remove the overlap",
+                            f"parameters {canonical_json(cell.params)} and prompt); remove the "
+                            "overlap",
                         )
                 else:
                     seen[key] = (index, texts, sweep.repeat)
