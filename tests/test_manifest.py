@@ -200,7 +200,8 @@ def test_output_and_state_resolve_against_cwd_prompt_files_against_the_manifest(
     write(tmp_path / "sub", "a fox\n", "p.txt")
     path = write(
         tmp_path / "sub",
-        f"name: r\noutput: o\nstate: s.db\nsweeps: [{{model: {NANO}, prompts: [{{file: p.txt}}]}}]\n",
+        f"name: r\noutput: o\nstate: s.db\n"
+        f"sweeps: [{{model: {NANO}, prompts: [{{file: p.txt}}]}}]\n",
     )
     monkeypatch.chdir(tmp_path / "run")
     m = load_manifest(os.path.relpath(path))
@@ -214,10 +215,10 @@ def test_yaml_12_scalars_keep_ratios_as_strings(tmp_path: Path) -> None:
     m = load_manifest(
         write(
             tmp_path,
-            f"""\
+            """\
 name: y
-defaults: {{a: 1:1, b: 16:9, c: yes, d: on, e: 0755, f: 1e3, g: true, h: 0x10}}
-sweeps: [{{model: x/y, prompts: [p]}}]
+defaults: {a: 1:1, b: 16:9, c: yes, d: on, e: 0755, f: 1e3, g: true, h: 0x10}
+sweeps: [{model: x/y, prompts: [p]}]
 """,
         )
     )
