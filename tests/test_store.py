@@ -375,9 +375,9 @@ def test_unchanged_plan_writes_nothing(file_store: Store) -> None:
     assert (report.added, report.updated, report.retired, report.restored) == (0, 0, 0, 0)
     assert report.unchanged == report.total == 50
     assert _max_updated(file_store) == stamp and event_count(file_store) == events
-    # the only rows written went to the temporary id list, none to the state file
+    # rows written: the temporary id list (50) and the plan record (2 deleted, 2 inserted)
     writes = file_store.db.conn.total_changes - changes
-    assert writes == 50
+    assert writes == 50 + 4
     assert file_store.get("job00003").state == S
 
 
@@ -453,6 +453,38 @@ def test_a_sync_that_fails_half_way_changes_nothing(store: Store) -> None:
     assert store.counts()["pending"] == 3 and store.counts()["retired"] == 0
     assert store.synced_fingerprint() == "v1"
     assert store.sync(specs(range(3))).added == 0  # the temp table did not leak
+
+
+def test_unchanged_chunks_are_skipped_and_changed_ones_written(store: Store) -> None:
+    store.sync(specs(range(10)), chunk_size=4)
+    force(store, "job00005", DN)
+    seen: list[str] = []
+    store.db.conn.set_trace_callback(seen.append)
+    report = store.sync(specs(range(10)), chunk_size=4)
+    store.db.conn.set_trace_callback(None)
+    assert (report.added, report.unchanged, report.total) == (0, 10, 10)
+    assert not [sql for sql in seen if sql.startswith("INSERT INTO jobs")]  # no row looked up
+    # a change in the middle chunk is written; its neighbours are still skipped
+    edited = [*specs(range(4)), spec(4), spec(5, sweep="renamed"), *specs(range(6, 10))]
+    seen.clear()
+    store.db.conn.set_trace_callback(seen.append)
+    report = store.sync(edited, chunk_size=4)
+    store.db.conn.set_trace_callback(None)
+    assert (report.updated, report.unchanged) == (1, 9)
+    assert len([sql for sql in seen if sql.startswith("INSERT INTO jobs")]) == 4
+    assert store.get("job00005").sweep == "renamed" and store.get("job00005").state == DN
+    # another chunk size cannot trust the digests: everything is looked up, nothing changes
+    assert store.sync(edited, chunk_size=3).unchanged == 10
+
+
+def test_rows_deleted_behind_the_stores_back_are_noticed(store: Store) -> None:
+    store.sync(specs(range(6)), chunk_size=3)
+    store.db.conn.execute("DELETE FROM jobs WHERE id = 'job00004'")
+    with pytest.raises(StoreError, match="changed outside batchgen"):
+        store.sync(specs(range(6)), chunk_size=3)
+    report = store.sync(specs(range(6)), chunk_size=3)  # the digests were cleared
+    assert (report.added, report.unchanged) == (1, 5)
+    assert store.get("job00004").state == P
 
 
 def test_fingerprint_is_recorded_and_cleared(store: Store) -> None:
