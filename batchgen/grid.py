@@ -10,7 +10,9 @@ Invariants:
   hold: a cell the manifest added since the last run shows "not run yet" instead of vanishing.
   The state only says what became of each job.
 - An axis is ``prompt``, ``model``, ``seed``, ``sample``, ``sweep`` or a parameter, and must take
-  at least two values in the selection. Axis values are ordered as the manifest expands them (the
+  at least two values in the selection. Jobs that do not set a parameter axis (or ``seed``) are
+  left out: ``--x aspect_ratio`` over a manifest that also has a FLUX sweep draws the sweeps that
+  have aspect ratios. Axis values are ordered as the manifest expands them (the
   first job position at which each appears).
 - Everything else that varies in the selection must be an axis, except ``seed`` and ``sample``:
   jobs of one cell that differ only in those are repeats, drawn side by side (or one picked with
@@ -256,6 +258,18 @@ def _varying(specs: Sequence[JobSpec], names: Iterable[str]) -> dict[str, _Axis]
             axis.add(_value(spec, name))
         axes[name] = axis
     return axes
+
+
+def _narrow(specs: Sequence[JobSpec], axes: Sequence[str]) -> list[JobSpec]:
+    """Leave out jobs that do not set a parameter axis (a FLUX sweep on an aspect_ratio sheet).
+
+    An axis nobody in the selection sets is left for :func:`_check_axes` to report.
+    """
+    params = [a for a in axes if a not in BUILTIN_AXES or a == "seed"]
+    present = [a for a in params if any(a in spec.params for spec in specs)]
+    if not present:
+        return list(specs)
+    return [spec for spec in specs if all(a in spec.params for a in present)]
 
 
 def _check_axes(
@@ -573,6 +587,7 @@ def make_grid(
         raise GridError("--sample picks one repeat; it cannot be used with sample as an axis")
     wanted = {k: [v] if isinstance(v, str) else list(v) for k, v in (where or {}).items()}
     specs = _select(manifest, registry or ModelRegistry.default(), sweep, wanted, sample)
+    specs = _narrow(specs, chosen)
     dims = _check_axes(specs, x, y, z, sample)
     ax, ay, az = dims[x], dims[y], dims[z] if z else None
 
