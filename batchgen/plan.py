@@ -380,6 +380,8 @@ def validate(manifest: Manifest, registry: ModelRegistry) -> list[str]:
         raise ManifestError(issues)
     for index in range(len(manifest.sweeps)):
         warnings.extend(load_prompts(manifest, index, cap=manifest.limits.max_jobs + 1)[1])
+    # the size guard first: nothing below may walk the cells of a runaway grid
+    count_jobs(manifest)
 
     # unknown models, and defaults no model takes
     known_props: set[str] = set()
@@ -427,7 +429,7 @@ def validate(manifest: Manifest, registry: ModelRegistry) -> list[str]:
         raise ManifestError(sorted(issues, key=lambda i: (i.line or 0, i.key)))
 
     _check_overlaps(manifest, registry)
-    total = count_jobs(manifest)
+    total = count_jobs(manifest)  # memoised prompt counts: cheap the second time
     if manifest.budget.max_usd is not None and total:
         planned = summary(manifest, registry)["estimated_cost"]
         if planned is not None and planned > manifest.budget.max_usd:
