@@ -246,9 +246,9 @@ def _read_yaml(path: Path) -> tuple[Any, dict[str, int], bytes]:
         where: int | None = mark.line + 1 if mark else None
         problem = exc.problem or "invalid YAML"
         context = f" ({exc.context})" if exc.context else ""
-        if exc.context_mark is not None and exc.problem_mark is not None:
-            if exc.context_mark.line != exc.problem_mark.line:
-                context = f" ({exc.context} that starts at line {exc.context_mark.line + 1})"
+        started, found = exc.context_mark, exc.problem_mark
+        if started is not None and found is not None and started.line != found.line:
+            context = f" ({exc.context} that starts at line {started.line + 1})"
         key = _syntax_error_path(text)
         if "expected a single document" in problem or "but found another document" in problem:
             problem = "more than one YAML document; a manifest is a single document"
