@@ -140,8 +140,10 @@ def _record_lines(
         for key_node, value_node in node.value:
             key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
             line = key_node.start_mark.line + 1
+            if key == "<<":
+                continue  # a merge key: its keys are located at the mapping that merges them
             path = (*parts, key)
-            if key in seen and key != "<<":
+            if key in seen:
                 issues.append(
                     ManifestIssue(
                         file,
@@ -234,12 +236,16 @@ def _read_yaml(path: Path) -> tuple[Any, dict[str, int], bytes]:
             file, line, "", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
         ) from None
     loader = _LineLoader(text)
+    lines: dict[str, int] = {}
+    issues: list[ManifestIssue] = []
     try:
         node = loader.get_single_node()
         if node is None:
             raise ManifestError.at(
                 file, 1, "name", "the manifest is empty; it needs at least `name` and `sweeps`"
             )
+        # lines first: construction flattens merge keys (<<) into the mapping nodes
+        _record_lines(node, (), lines, issues, file)
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -258,9 +264,6 @@ def _read_yaml(path: Path) -> tuple[Any, dict[str, int], bytes]:
         raise ManifestError.at(file, None, "", f"YAML syntax error: {exc}") from None
     finally:
         loader.dispose()
-    lines: dict[str, int] = {}
-    issues: list[ManifestIssue] = []
-    _record_lines(node, (), lines, issues, file)
     if issues:
         raise ManifestError(issues)
     if not isinstance(data, dict):
@@ -654,8 +657,9 @@ class Manifest(_Strict):
     provider: Literal["runcomfy", "simulator"] = "runcomfy"
     output: Path
     state: Path
-    #: folder of ``__name__`` wildcard files (``name.txt``), relative to the manifest
-    wildcards: Path
+    #: folder of ``__name__`` wildcard files (``name.txt``); default ``wildcards/`` beside the
+    #: manifest (load_manifest always sets it)
+    wildcards: Path | None = None
     strict: bool = False
     limits: Limits = Field(default_factory=Limits)
     budget: Budget = Field(default_factory=Budget)

@@ -357,3 +357,24 @@ def test_demo_is_small_fast_and_covers_both_models() -> None:
     assert m.provider == "simulator" and m.simulator.image_mode == "small"
     assert m.simulator.latency_range[1] <= 1.0
     assert {s.model for s in m.sweeps} == {NANO, FLUX}
+
+
+def test_yaml_anchors_and_merge_keys_work_and_keep_lines(tmp_path: Path) -> None:
+    m = load_manifest(
+        write(
+            tmp_path,
+            f"""\
+name: a
+sweeps:
+  - &base
+    model: {NANO}
+    prompts: [a fox]
+    grid: {{resolution: [1K, 2K]}}
+  - <<: *base
+    name: second
+    prompts: [an owl]
+""",
+        )
+    )
+    assert m.sweeps[1].model == NANO and m.sweeps[1].grid == {"resolution": ["1K", "2K"]}
+    assert m.line_of("sweeps[1].name") == 8
