@@ -484,10 +484,12 @@ def _check_sweep(
                 continue  # prompts are checked one by one below
             if error.validator == "required":
                 key = f"sweeps[{index}]"
+                message = f"{error.message} of {sweep.model}: set it in params, grid or defaults"
             else:
                 name = str(error.path[0]) if error.path else ""
                 key = _origin(manifest, index, sweep, name, params.get(name))
-            found[(key, _describe(error))] += per_cell
+                message = _describe(error)
+            found[(key, message)] += per_cell
     prompt_schema = props.get("prompt")
     if prompt_schema and set(prompt_schema) - {"type", "title", "description", "default"}:
         prompt_validator = validator_cls(prompt_schema)

@@ -469,3 +469,30 @@ def test_a_million_jobs_stream_in_constant_memory(tmp_path: Path) -> None:
     tracemalloc.stop()
     assert n == 200_000
     assert peak < 20_000_000  # streaming: nothing grows with the number of jobs
+
+
+def test_a_missing_required_parameter_names_the_sweep(tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "edit.json").write_text(
+        json.dumps(
+            {
+                "model_id": "acme/edit",
+                "input": {
+                    "type": "object",
+                    "required": ["prompt", "image_url"],
+                    "properties": {"prompt": {"type": "string"}, "image_url": {"type": "string"}},
+                },
+            }
+        ),
+        encoding="utf-8",
+    )
+    registry = ModelRegistry.default(extra_dirs=[folder])
+    manifest = load(tmp_path, "name: r\nsweeps:\n  - model: acme/edit\n    prompts: [a, b]\n")
+    with pytest.raises(ManifestError) as info:
+        validate(manifest, registry)
+    (issue,) = info.value.issues
+    assert (issue.key, issue.line, issue.count) == ("sweeps[0]", 3, 2)
+    assert issue.message == (
+        "'image_url' is a required property of acme/edit: set it in params, grid or defaults"
+    )
