@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -395,8 +396,7 @@ def _range(spec: Any) -> range:
 
 
 def _canonical(value: Any) -> str:
-    import json
-
+    """Comparable text of a grid value (the canonical JSON plan.py hashes)."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 

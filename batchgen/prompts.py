@@ -40,6 +40,7 @@ from .manifest import Manifest, PromptFile, did_you_mean
 
 __all__ = [
     "Prompt",
+    "PromptFileError",
     "TemplateError",
     "TemplateExpander",
     "check_prompts",
@@ -219,8 +220,8 @@ class _Row:
     values: dict[str, Any]
 
 
-class _FileProblem(Exception):
-    """A problem in a prompt file, with the key of the PromptFile it concerns."""
+class PromptFileError(ValueError):
+    """A problem in a prompt file; ``key`` is the PromptFile key it concerns (``column``, ...)."""
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__(message)
@@ -254,7 +255,7 @@ def _read_table(path: Path) -> tuple[list[str], Iterator[_Row]]:
                 if not record or all(not cell.strip() for cell in record):
                     continue
                 if len(record) != len(header):
-                    raise _FileProblem(
+                    raise PromptFileError(
                         "file",
                         f"{path.name}:{line}: row has {len(record)} fields, the header has "
                         f"{len(header)}",
@@ -274,11 +275,13 @@ def _read_jsonl(path: Path) -> tuple[list[str], Iterator[_Row]]:
             try:
                 value = json.loads(text)
             except ValueError as exc:
-                raise _FileProblem(
+                raise PromptFileError(
                     "file", f"{path.name}:{number}: not a JSON line: {exc}"
                 ) from None
             if not isinstance(value, dict):
-                raise _FileProblem("file", f"{path.name}:{number}: a JSON line must be an object")
+                raise PromptFileError(
+                    "file", f"{path.name}:{number}: a JSON line must be an object"
+                )
             columns.update(dict.fromkeys(value))
             rows.append(_Row(number, value))
     return list(columns), iter(rows)
@@ -298,7 +301,7 @@ def _read_txt(path: Path) -> list[_Row]:
 def read_prompt_file(spec: PromptFile, relative_to: Path | None = None) -> list[Prompt]:
     """The prompts of one prompt file, after ``where``, ``sample`` and ``limit`` (no templating).
 
-    Raises ``_FileProblem`` (wrapped into ManifestError by :func:`load_prompts`).
+    Raises PromptFileError (load_prompts turns it into a located ManifestError).
     """
     path = spec.file
     try:
@@ -312,21 +315,21 @@ def read_prompt_file(spec: PromptFile, relative_to: Path | None = None) -> list[
         else:
             header, row_iter = _read_table(path)
             if not header:
-                raise _FileProblem("file", f"{path.name} is empty: no header row")
+                raise PromptFileError("file", f"{path.name} is empty: no header row")
             column = _pick_column(spec, header, path)
             for key in spec.where or {}:
                 if key not in header:
-                    raise _FileProblem(
+                    raise PromptFileError(
                         f"where.{key}",
                         f"no column '{key}' in {path.name}{did_you_mean(key, header)}",
                     )
             rows = list(_filtered(row_iter, spec))
     except UnicodeDecodeError as exc:
-        raise _FileProblem("file", f"{path.name} is not UTF-8 text: {exc.reason}") from None
+        raise PromptFileError("file", f"{path.name} is not UTF-8 text: {exc.reason}") from None
     except csv.Error as exc:
-        raise _FileProblem("file", f"{path.name}: {exc}") from None
+        raise PromptFileError("file", f"{path.name}: {exc}") from None
     except OSError as exc:
-        raise _FileProblem("file", f"cannot read {path}: {exc.strerror}") from None
+        raise PromptFileError("file", f"cannot read {path}: {exc.strerror}") from None
     if spec.sample is not None and spec.sample.n < len(rows):
         chosen = sorted(random.Random(spec.sample.seed).sample(range(len(rows)), spec.sample.n))
         rows = [rows[i] for i in chosen]
@@ -346,7 +349,7 @@ def read_prompt_file(spec: PromptFile, relative_to: Path | None = None) -> list[
 def _pick_column(spec: PromptFile, header: list[str], path: Path) -> str:
     if spec.column is not None:
         if spec.column not in header:
-            raise _FileProblem(
+            raise PromptFileError(
                 "column",
                 f"no column '{spec.column}' in {path.name}{did_you_mean(spec.column, header)}",
             )
@@ -356,7 +359,7 @@ def _pick_column(spec: PromptFile, header: list[str], path: Path) -> str:
             return name
     if len(header) == 1:
         return header[0]
-    raise _FileProblem(
+    raise PromptFileError(
         "file",
         f"{path.name} has no 'prompt' column: name one with `column:` "
         f"(columns: {', '.join(header)})",
@@ -408,7 +411,7 @@ def load_prompts(
             if isinstance(source, PromptFile):
                 try:
                     rows = read_prompt_file(source, manifest.base_dir)
-                except _FileProblem as problem:
+                except PromptFileError as problem:
                     raise manifest.error(f"{key}.{problem.key}", problem.message) from None
                 if not rows:
                     warnings.append(
