@@ -60,6 +60,7 @@ def validate_command(manifest_path: Path, models_dirs: tuple[Path, ...]) -> None
 
     Example:
 
+    \b
         batchgen validate manifests/demo.yaml
     """
     manifest = load(manifest_path)
@@ -130,6 +131,7 @@ def plan_command(
 
     Example:
 
+    \b
         batchgen plan manifests/demo.yaml
         batchgen plan manifests/sweep.yaml --json --state state/other.db
     """
@@ -277,6 +279,7 @@ def models_command(model_id: str | None, models_dirs: tuple[Path, ...], as_json:
 
     Example:
 
+    \b
         batchgen models
         batchgen models google/nano-banana/pro/text-to-image
     """
