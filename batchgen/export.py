@@ -53,7 +53,7 @@ import csv
 import json
 import math
 import os
-import tempfile
+import secrets
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -703,9 +703,15 @@ class _AtomicFiles:
         return self
 
     def _temp(self, name: str) -> Path:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
-        os.close(fd)
-        return Path(tmp)
+        # Not tempfile.mkstemp: its files are 0600, and the renamed files must get the usual
+        # permissions (0666 less the umask) like any other file the user writes.
+        while True:
+            tmp = self.root / f".{name}.{secrets.token_hex(6)}.tmp"
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                continue
+            return tmp
 
     def path(self, name: str) -> Path:
         """A temporary path that becomes ``root/name`` on success."""

@@ -30,7 +30,7 @@ import contextlib
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -538,8 +538,8 @@ def _save(img: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = _FORMATS.get(path.suffix.lower(), "PNG")
     options: dict[str, Any] = {"compress_level": 6} if fmt == "PNG" else {"quality": 90}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # a name of our own rather than mkstemp, whose 0600 files would stay unreadable to others
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         img.save(tmp, format=fmt, **options)
         os.replace(tmp, path)

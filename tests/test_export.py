@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -535,3 +537,14 @@ def test_tables_of_an_earlier_export_are_kept_in_step(run: Run) -> None:
         assert sum(1 for _ in fh) == 1 + second.images == len(run.images)
     pq = pytest.importorskip("pyarrow.parquet")
     assert pq.read_table(second.files["parquet"]).num_rows == second.images
+
+
+def test_files_get_ordinary_permissions(run: Run) -> None:
+    old = os.umask(0o022)
+    try:
+        report = write_outputs(run.store, run.manifest, formats=("csv", "parquet"))
+    finally:
+        os.umask(old)
+    for path in report.files.values():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
+    assert not [p for p in run.root.iterdir() if p.name.endswith(".tmp")]

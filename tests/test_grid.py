@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +160,9 @@ def test_two_by_three_sheet_has_the_expected_size_and_tiles(sweep: Sweep, tmp_pa
         tile=TILE,
     )
     assert paths == [out]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # like any file the user writes
     sheet = Image.open(out)
     layout = _layout(RATIOS, PROMPTS)
     # 3 columns and 2 rows of 64 px tiles, 6 px apart, after the left labels and the header
