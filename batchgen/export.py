@@ -612,7 +612,10 @@ def _write_failures(store: Store, fh: IO[str]) -> tuple[int, Counter[str], list[
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+    """ISO 8601 UTC with milliseconds, as the state database writes its timestamps."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _runs_seconds(runs: list[dict[str, Any]], last_activity: datetime | None) -> float | None:

@@ -603,6 +603,7 @@ def make_grid(
             "or move an axis to --z"
         )
     root = Path(manifest.output)
+    sweeps = list(dict.fromkeys(spec.sweep for spec in specs))
     tiles = {
         key: [t for spec in group for t in _tiles_for(store, spec, root)]
         for key, group in cells.items()
@@ -619,14 +620,14 @@ def make_grid(
     paths = _sheet_paths(out or root / "contact-sheet.png", az)
     zkeys = az.keys if az else [""]
     for path, zk in zip(paths, zkeys, strict=True):
-        sheet = _draw_sheet(manifest, sweep, layout, ax, ay, az, zk, tiles)
+        sheet = _draw_sheet(manifest, sweeps, layout, ax, ay, az, zk, tiles)
         _save(sheet, path)
     return paths
 
 
 def _draw_sheet(
     manifest: Manifest,
-    sweep: str | None,
+    sweeps: Sequence[str],
     layout: _Layout,
     ax: _Axis,
     ay: _Axis,
@@ -639,10 +640,18 @@ def _draw_sheet(
     lf, tf = layout.label_font, layout.title_font
     lh = _line_height(lf)
 
-    title = manifest.name + (f" · sweep {sweep}" if sweep else "")
+    title = manifest.name
+    if len(sweeps) == 1:
+        title += f" · sweep {sweeps[0]}"
     if az is not None:
         title += f" · {az.label(zk)}"
+    drawn = [t for (z, _, _), cell in tiles.items() if z == zk for t in cell]
+    images = sum(1 for t in drawn if t.path is not None)
+    waiting = len(drawn) - images
     subtitle = f"x: {ax.name}   y: {ay.name}" + (f"   z: {az.name}" if az else "")
+    subtitle += f"   ·   {images} image{'s' * (images != 1)}"
+    if waiting:
+        subtitle += f", {waiting} without (see the placeholders)"
     width = layout.width - 2 * _PAD
     draw.text((_PAD, _PAD), _wrap(title, tf, width, 1)[0], font=tf, fill=_TEXT)
     draw.text(
