@@ -464,8 +464,9 @@ class SimulatorSettings(_Strict):
     latency: str = "0.5-1.5s"
     seed: int = 0
     image_mode: Literal["full", "small"] = "small"
-    #: fault name → value; the simulator's own parser (simulator/config.py) checks names and ranges
-    faults: dict[str, float] = Field(default_factory=dict)
+    #: fault name → value as written (``0.05``, ``"5%"``, ``"2s"``); checked at load time by the
+    #: simulator's own parser (``Faults.from_dict``), which the simulator applies again at start
+    faults: dict[str, float | str | None] = Field(default_factory=dict)
 
     @field_validator("latency", mode="before")
     @classmethod
@@ -481,13 +482,32 @@ class SimulatorSettings(_Strict):
 
     @field_validator("faults", mode="before")
     @classmethod
-    def _faults(cls, value: Any) -> Any:
+    def _faults_numbers(cls, value: Any) -> Any:
         if isinstance(value, dict):
-            for key, item in value.items():
-                if isinstance(item, bool):
-                    value = {**value, key: float(item)}  # `on: true` style switches → 1.0
-                elif isinstance(item, int):
-                    value = {**value, key: float(item)}
+            # YAML ints are numbers too (strict mode would refuse an int for a float)
+            return {
+                k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                for k, v in value.items()
+            }
+        return value
+
+    @field_validator("faults")
+    @classmethod
+    def _faults_known(cls, value: dict[str, float | str | None]) -> dict[str, float | str | None]:
+        if not value:
+            return value
+        # imported here: the simulator package is only needed when a manifest sets faults
+        from .simulator.config import Faults
+
+        for name, item in value.items():
+            try:
+                Faults.from_dict({name: item})
+            except (ValueError, TypeError) as exc:
+                raise _fail(str(exc), str(name)) from None
+        try:
+            Faults.from_dict(dict(value))
+        except (ValueError, TypeError) as exc:
+            raise _fail(str(exc)) from None
         return value
 
     @property

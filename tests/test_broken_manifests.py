@@ -65,7 +65,7 @@ VALID: dict[str, Any] = {
     "budget": {"max_usd": 10},
     "prices": {"google/nano-banana/pro/text-to-image": {"1K": 0.15, "2K": 0.15}},
     "defaults": {"output_format": "png"},
-    "simulator": {"latency": "0.1-0.2s", "faults": {"error_rate": 0.1}},
+    "simulator": {"latency": "0.1-0.2s", "faults": {"http_5xx": 0.1, "retry_after": "2s"}},
     "download": {"max_bytes": 1000000},
     "sweeps": [
         {

@@ -58,7 +58,7 @@ simulator:
   latency: 1-5s
   seed: 7
   image_mode: full
-  faults: {{error_rate: 0.1, drop_connection: 1}}
+  faults: {{http_5xx: 0.1, drop_connection: 0, retry_after: 2s}}
 download:
   max_bytes: 1000
   timeout: 2m
@@ -114,7 +114,7 @@ def test_every_key_of_the_spec_loads(full: Path, monkeypatch: pytest.MonkeyPatch
     assert m.defaults == {"output_format": "png"}
     assert m.simulator.workers == 4 and m.simulator.latency_range == (1.0, 5.0)
     assert m.simulator.seed == 7 and m.simulator.image_mode == "full"
-    assert m.simulator.faults == {"error_rate": 0.1, "drop_connection": 1.0}
+    assert m.simulator.faults == {"http_5xx": 0.1, "drop_connection": 0.0, "retry_after": "2s"}
     assert (m.download.max_bytes, m.download.timeout, m.download.concurrency) == (1000, 120.0, 3)
     first, second = m.sweeps
     assert first.name == "ratios" and first.model == NANO and first.repeat == 2

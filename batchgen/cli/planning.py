@@ -69,7 +69,8 @@ def validate_command(manifest_path: Path, models_dirs: tuple[Path, ...]) -> None
     models = len(plan["models"])
     sweeps = len(plan["sweeps"])
     click.echo(
-        f"{manifest_path}: ok: {plan['total']:,} jobs in {sweeps} sweep{'s' * (sweeps != 1)} "
+        f"{manifest_path}: ok: {plan['total']:,} job{'s' * (plan['total'] != 1)} in {sweeps} "
+        f"sweep{'s' * (sweeps != 1)} "
         f"on {models} model{'s' * (models != 1)}, estimated cost "
         f"{_money(plan['estimated_cost'], plan['unpriced_jobs'])}"
     )
