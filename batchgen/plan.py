@@ -51,6 +51,8 @@ __all__ = [
     "expand",
     "iter_jobs",
     "job_id",
+    "summary",
+    "sweep_counts",
     "validate",
 ]
 
