@@ -241,7 +241,13 @@ class SimulatorState:
         return response
 
     def _base_url(self, request: Request) -> str:
-        return f"http://{request.headers.get('host', '127.0.0.1')}"
+        # The address the client used (its Host header), so that URLs work from wherever it is;
+        # the socket's own address when the client sent none.
+        host = request.headers.get("host")
+        if not host:
+            server = request.scope.get("server") or ("127.0.0.1", None)
+            host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
+        return f"http://{host}"
 
     def _lookup(self, request: Request) -> SimRequest | Response:
         request_id = request.path_params["request_id"]
