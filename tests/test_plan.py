@@ -26,6 +26,7 @@ from batchgen.plan import (
     expand,
     iter_jobs,
     job_id,
+    sweep_counts,
     validate,
 )
 from batchgen.registry import ModelRegistry
@@ -400,6 +401,11 @@ def _plan_or_overlap(data: dict[str, Any]) -> list[JobSpec] | None:
         event("planned")
         jobs = expand(manifest, REGISTRY)
         assert count_jobs(manifest) == len(jobs)
+        per_sweep = [
+            sum(1 for j in jobs if j.sweep == manifest.sweep_label(i))
+            for i in range(len(manifest.sweeps))
+        ]
+        assert sweep_counts(manifest) == per_sweep
         return jobs
 
 
