@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import re
@@ -638,3 +639,63 @@ def test_config_errors_name_the_setting(settings: dict[str, Any], message: str) 
     with pytest.raises(ValueError) as caught:
         SimulatorConfig.from_dict(settings)
     assert message in str(caught.value)
+
+
+async def test_queue_positions_stay_exact_through_growth_and_cancellations() -> None:
+    import random
+
+    from batchgen.simulator.gpu import GpuPool, RequestState, SimRequest
+
+    finished: list[str] = []
+    pool = GpuPool(2, on_finish=lambda r: finished.append(r.request_id))
+
+    def request(i: int, seconds: float) -> SimRequest:
+        return SimRequest(f"r{i}", NANO, {}, "", seconds, False, [], 0.0)
+
+    requests = [request(i, 3600) for i in range(3000)]  # past the tree's first size (1024)
+    for item in requests:
+        pool.submit(item)
+    rng = random.Random(1)
+    for victim in rng.sample(requests[2:], 700):
+        assert pool.cancel(victim)
+    queued = [r for r in requests if r.state is RequestState.QUEUED]
+    assert pool.queued == len(queued) == 2298 and pool.running == 2
+    assert [pool.queue_position(r) for r in queued] == list(range(len(queued)))
+    assert pool.queue_position(requests[0]) is None
+    assert not pool.cancel(requests[0])  # running: not cancellable
+    pool.close()
+
+    # a short job frees its worker for the first request still queued (cancelled ones skipped)
+    quick = GpuPool(1, on_finish=lambda r: finished.append(r.request_id))
+    first, second, third = request(10_001, 0.01), request(10_002, 3600), request(10_003, 3600)
+    for item in (first, second, third):
+        quick.submit(item)
+    quick.cancel(second)
+    while first.state is not RequestState.SUCCEEDED:
+        await asyncio.sleep(0.005)
+    assert finished == ["r10001"]
+    assert third.state is RequestState.RUNNING and second.state is RequestState.CANCELLED
+    quick.close()
+
+
+def test_metrics_window_is_sliding_and_series_fixed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchgen.simulator import metrics as metrics_module
+
+    now = [100.0]
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: now[0])
+    metrics = metrics_module.Metrics()
+    # 3 calls at 0.6 s, 3 at 1.4 s: fixed buckets see 3 + 3, the sliding window sees 6
+    for at in (0.6, 0.6, 0.6, 1.4, 1.4, 1.4, 2.5):
+        now[0] = 100.0 + at
+        metrics.call_started("status")
+        metrics.call_finished("status", "200")
+    snapshot = metrics.snapshot()
+    assert snapshot["per_second"]["status"] == [3, 3, 1]
+    assert snapshot["max_calls_per_second"]["status"] == 6
+    # exactly one second apart is not "within one second": (t - 1, t] excludes t - 1
+    now[0] = 103.5
+    metrics.call_started("submit")
+    now[0] = 104.5
+    metrics.call_started("submit")
+    assert metrics.snapshot()["max_calls_per_second"]["submit"] == 1
+    assert metrics.snapshot()["in_flight"] == {"now": 2, "peak": 2}
