@@ -1,8 +1,9 @@
 """``python -m batchgen.simulator``: the simulator without the CLI (used by ``subprocess=True``).
 
-Takes the same flags as ``batchgen simulate`` (or one ``--config-json`` object, which is how the
-subprocess variant passes a whole :class:`SimulatorConfig`), prints the banner whose first line
-is ``batchgen simulator listening on <base URL>``, and serves until SIGINT or SIGTERM.
+Takes the same flags as ``batchgen simulate``, or one ``--config-json`` object (``-`` reads it
+from stdin: how the subprocess variant passes a whole :class:`SimulatorConfig`); prints the
+banner whose first line is ``batchgen simulator listening on <base URL>``, and serves until
+SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from .server import serve_forever
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m batchgen.simulator", description=__doc__)
-    parser.add_argument("--config-json", help="a whole SimulatorConfig as JSON (overrides flags)")
+    parser.add_argument(
+        "--config-json", help="a whole SimulatorConfig as JSON, '-' to read it from stdin"
+    )
     parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", help="port (default 0: a free one)")
     parser.add_argument("--token", help="bearer token to accept (default: generated)")
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, serve until interrupted."""
     args = vars(_parser().parse_args(argv))
     raw = args.pop("config_json")
+    if raw == "-":
+        raw = sys.stdin.read()
     try:
         config = SimulatorConfig.from_dict(json.loads(raw)) if raw else config_from_flags(args)
     except ValueError as exc:

@@ -199,7 +199,7 @@ class SimulatorState:
             if first:
                 self.metrics.noticed(now - request.finished, via_result=False, first=True)
 
-    async def _gate(self, request: Request) -> tuple[Response | None, bool]:
+    def _gate(self, request: Request) -> tuple[Response | None, bool]:
         """Token, rate limit and per-call faults: an early answer, and whether to answer slowly."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -260,7 +260,7 @@ class SimulatorState:
 
     async def submit(self, request: Request) -> Response:
         """``POST /v1/models/{model_id}``: validate, create a request, queue it."""
-        early, slow = await self._gate(request)
+        early, slow = self._gate(request)
         if early is not None:
             return early
         model_id = request.path_params["model_id"]
@@ -332,7 +332,7 @@ class SimulatorState:
 
     async def status(self, request: Request) -> Response:
         """``GET /v1/requests/{id}/status``."""
-        early, slow = await self._gate(request)
+        early, slow = self._gate(request)
         if early is not None:
             return early
         sim = self._lookup(request)
@@ -350,7 +350,7 @@ class SimulatorState:
 
     async def result(self, request: Request) -> Response:
         """``GET /v1/requests/{id}/result[?include_cost=true]``."""
-        early, slow = await self._gate(request)
+        early, slow = self._gate(request)
         if early is not None:
             return early
         sim = self._lookup(request)
@@ -379,7 +379,7 @@ class SimulatorState:
 
     async def cancel(self, request: Request) -> Response:
         """``POST /v1/requests/{id}/cancel``: cancels only a queued request (202 either way)."""
-        early, slow = await self._gate(request)
+        early, slow = self._gate(request)
         if early is not None:
             return early
         sim = self._lookup(request)

@@ -247,16 +247,14 @@ class Simulator:
     # subprocess mode -----------------------------------------------------------------------
 
     def _start_process(self) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "batchgen.simulator",
-            "--config-json",
-            json.dumps(self.config.to_dict()),
-        ]
-        process = sp.Popen(command, stdout=sp.PIPE, text=True, bufsize=1)
+        # The config (token included) goes through stdin, not argv, which any local user can
+        # read in the process list.
+        command = [sys.executable, "-m", "batchgen.simulator", "--config-json", "-"]
+        process = sp.Popen(command, stdin=sp.PIPE, stdout=sp.PIPE, text=True, bufsize=1)
         self._process = process
-        assert process.stdout is not None
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(json.dumps(self.config.to_dict()))
+        process.stdin.close()
         deadline = time.monotonic() + _START_TIMEOUT
         # readline blocks; a timer kills a child that never prints its banner.
         timer = threading.Timer(_START_TIMEOUT, process.kill)
