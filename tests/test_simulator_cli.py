@@ -112,6 +112,9 @@ def test_subprocess_simulator_serves_metrics_and_resets_over_http() -> None:
     config = SimulatorConfig(latency=0, workers=2, faults={"job_failure": 1.0}, seed=3)
     with Simulator(config, subprocess=True) as sim:
         assert sim.base_url.startswith("http://127.0.0.1:")
+        assert sim._process is not None
+        with open(f"/proc/{sim._process.pid}/cmdline", "rb") as cmdline:
+            assert sim.token.encode() not in cmdline.read()  # passed on stdin, not argv
         headers = {"Authorization": f"Bearer {sim.token}"}
         with httpx.Client(base_url=sim.base_url, headers=headers) as client:
             request_id = client.post(f"/v1/models/{NANO}", json={"prompt": "x"}).json()[
