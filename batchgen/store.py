@@ -337,7 +337,7 @@ class Store:
         busy_timeout: float = 30.0,
     ) -> None:
         if (path is None) == (not memory):
-            raise ValueError("Store needs a path or memory=True, not both")
+            raise ValueError("Store needs exactly one of: a path, or memory=True")
         self.path: Path | None = None if path is None else Path(path).resolve()
         #: the run transitions are attributed to in events (set by start_run)
         self.run_id: int | None = None

@@ -749,9 +749,9 @@ def test_file_state_uses_wal_foreign_keys_and_busy_timeout(file_store: Store) ->
 
 
 def test_store_needs_exactly_one_of_path_or_memory(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="path or memory"):
+    with pytest.raises(ValueError, match="exactly one of: a path, or memory=True"):
         Store()
-    with pytest.raises(ValueError, match="path or memory"):
+    with pytest.raises(ValueError, match="exactly one of: a path, or memory=True"):
         Store(tmp_path / "x.db", memory=True)
 
 
