@@ -370,7 +370,8 @@ async def fetch(
     When the bytes turn out to be another image format than ``dest``'s extension says, the real
     extension replaces it: ``Fetched.path`` is where the file is. Raises DownloadError
     (``error_class``: ``bad_url``, ``too_large``, ``timeout``, ``redirect_loop``, ``truncated``,
-    ``not_an_image``, ``connection``, ``http_<code>``) or ExpiredURLError (403/404/410).
+    ``not_an_image``, ``bad_encoding``, ``connection``, ``http_<code>``) or ExpiredURLError
+    (403/404/410).
     """
     check_uri(uri)
     dest = Path(dest)
@@ -435,8 +436,6 @@ async def _stream_to(
             request.headers.pop(header, None)
         try:
             response = await client.send(request, stream=True, auth=None, follow_redirects=False)
-        except httpx.RemoteProtocolError as exc:
-            raise _network_error(exc, uri, started=False) from exc
         except httpx.HTTPError as exc:
             raise _network_error(exc, uri, started=False) from exc
         try:
@@ -677,8 +676,10 @@ def _network_error(exc: httpx.HTTPError, uri: str, *, started: bool) -> Download
         error_class = "timeout"
     elif started and isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
         error_class = "truncated"  # the connection closed in the middle of the body
-    elif isinstance(exc, httpx.UnsupportedProtocol):
-        error_class = "bad_url"
+    elif isinstance(exc, httpx.UnsupportedProtocol) or (
+        not started and "location header" in str(exc).lower()
+    ):
+        error_class = "bad_url"  # a redirect to something that is not a usable URL
     else:
         error_class = "connection"
     detail = re.sub(r"\s+", " ", str(exc))[:160] or "no detail"

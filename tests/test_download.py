@@ -951,3 +951,14 @@ def test_worst_case_paths_stay_short() -> None:
     )
     assert_portable(rel)
     assert len(str(rel)) <= 215, len(str(rel))
+
+
+async def test_a_malformed_redirect_location_is_a_bad_url(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"Location": "http://cdn.test:abc/x"})
+
+    async with mock_client(handler) as client:
+        with pytest.raises(DownloadError) as info:
+            await fetch(client, "https://cdn.test/x", tmp_path / "x.png")
+    assert info.value.error_class == "bad_url", str(info.value)
+    assert leftovers(tmp_path) == []
