@@ -50,6 +50,8 @@ MIN_FACTOR = 1 / 32
 RECOVERY_STEP = 0.01
 #: a learned rate this many times its reference is dropped: the meter is unlimited again
 LEARNED_RELEASE = 16.0
+#: consecutive successes that forgive one level of backoff
+FORGIVE_AFTER = 3
 #: backoff without Retry-After: BACKOFF_BASE × 2^(level-1), capped, times a jitter in [0.5, 1)
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
@@ -320,11 +322,11 @@ class RateLimiter:
         self.paused_until = max(self.paused_until, until)
 
     def record_success(self) -> None:
-        """A call succeeded: recover rate gradually; forgive one backoff level per 10 successes."""
+        """A call succeeded: give back a little rate; forgive one backoff level per 3 successes."""
         self.submits.recover()
         self.requests.recover()
         if self.level:
             self._successes += 1
-            if self._successes >= 10:
+            if self._successes >= FORGIVE_AFTER:
                 self.level -= 1
                 self._successes = 0

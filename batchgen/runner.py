@@ -573,6 +573,8 @@ class Runner:
 
         def done(t: asyncio.Task[None]) -> None:
             group.discard(t)
+            # a finished POST may have released its job, or left nothing to wait for
+            self._released.set()
             if not t.cancelled() and t.exception() is not None:
                 exc = t.exception()
                 log.error("internal error in the runner", exc_info=exc)

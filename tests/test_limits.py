@@ -14,6 +14,7 @@ import pytest
 
 from batchgen.limits import (
     BACKOFF_CAP,
+    FORGIVE_AFTER,
     MIN_FACTOR,
     RETRY_AFTER_CAP,
     InFlight,
@@ -270,8 +271,10 @@ def test_recovery_after_successes() -> None:
     assert limiter.level == 2
     assert limiter.requests.rate == pytest.approx(2.5)
     assert limiter.submits.rate == pytest.approx(0.25)
-    for _ in range(10):
+    for _ in range(FORGIVE_AFTER - 1):
         limiter.record_success()
+    assert limiter.level == 2
+    limiter.record_success()
     assert limiter.level == 1
     for _ in range(200):
         limiter.record_success()
