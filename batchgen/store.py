@@ -848,6 +848,21 @@ class Store:
         ).fetchone()
         return float(spent), float(planned)
 
+    def pending_cost(self, limit: int | None = None) -> tuple[int, float, int]:
+        """The next ``limit`` pending jobs (all when None), in plan order: (count, USD, unpriced).
+
+        What a run is about to submit, for its cost confirmation, without loading the jobs:
+        on a million pending jobs this is one index range, not a million Job objects.
+        """
+        row = self.db.conn.execute(
+            "SELECT count(*), total(estimated_cost), "
+            "count(*) FILTER (WHERE estimated_cost IS NULL) FROM ("
+            "SELECT estimated_cost FROM jobs WHERE in_manifest = 1 AND state = 'pending' "
+            "ORDER BY position LIMIT ?)",
+            (-1 if limit is None else limit,),
+        ).fetchone()
+        return int(row[0]), float(row[1]), int(row[2])
+
     def unpriced(self) -> int:
         """Jobs in the manifest whose cost is unknown (no price for their model)."""
         row = self.db.conn.execute(
