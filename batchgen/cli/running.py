@@ -63,10 +63,12 @@ def _money(value: float | None) -> str:
 class _NullBar:
     """A bar that draws nothing (``--quiet``)."""
 
-    total: int | None = 0
+    def __init__(self, total: int) -> None:
+        self.total: int | None = total
+        self.n = 0
 
     def update(self, n: int = 1) -> None:
-        pass
+        self.n += n
 
     def refresh(self) -> None:
         pass
@@ -86,7 +88,7 @@ class Progress:
 
     def _bar(self, key: str, desc: str, total: int, position: int) -> Any:
         if self.quiet:
-            return _NullBar()
+            return _NullBar(total)
         return tqdm(
             total=total,
             desc=desc,
