@@ -150,7 +150,7 @@ def test_a_second_runner_is_refused(simulator_factory: Callable[..., Any], tmp_p
     first = spawn(manifest, sim)
     try:
         wait_for(lambda: counts(db).get("queued", 0) + counts(db).get("running", 0) > 0)
-        code, out, err = finish(spawn(manifest, sim), 30)
+        code, _out, err = finish(spawn(manifest, sim), 30)
         assert code == 2
         assert f"another batchgen run (pid {first.pid})" in err
         assert "Traceback" not in err
