@@ -642,20 +642,19 @@ def test_cost_counts_possibly_paid_submits_and_planned_jobs(store: Store) -> Non
 
 
 def test_pending_cost_sums_the_next_jobs_in_plan_order(store: Store) -> None:
-    store.sync(
-        [
-            spec(0, cost=1.0, position=3),
-            spec(1, cost=None, position=0),
-            spec(2, cost=2.5, position=1),
-            spec(3, cost=4.0, position=2),
-            spec(4, cost=8.0, position=4),
-        ]
-    )
+    plan = [
+        spec(0, cost=1.0, position=3),
+        spec(1, cost=None, position=0),
+        spec(2, cost=2.5, position=1),
+        spec(3, cost=4.0, position=2),
+        spec(4, cost=8.0, position=4),
+    ]
+    store.sync(plan)
     force(store, "job00003", DN)
     assert store.pending_cost() == (4, 11.5, 1)
     assert store.pending_cost(2) == (2, 2.5, 1)  # positions 0 (unpriced) and 1
     assert store.pending_cost(0) == (0, 0.0, 0)
-    store.sync([spec(n) for n in (0, 1, 2, 3)])  # job 4 retired
+    store.sync(plan[:4])  # job 4 retired
     assert store.pending_cost() == (3, 3.5, 1)
 
 
