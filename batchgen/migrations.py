@@ -19,6 +19,9 @@ Invariants:
   serialise on the write lock and the second finds the work already recorded.
 - A database that records a step this code does not know was written by a newer batchgen; it is
   refused instead of being used with a schema we cannot vouch for.
+- A step that rewrites what ``Store.sync`` writes into ``jobs`` (sweep, metadata, estimated cost,
+  position) must also ``DELETE FROM sync``: the chunk digests kept there promise that those
+  columns still hold what the last plan wrote.
 """
 
 from __future__ import annotations
