@@ -764,7 +764,11 @@ class Store:
         limit: int | None = None,
         include_retired: bool = False,
     ) -> list[Job]:
-        """Jobs (in the manifest unless ``include_retired``) in plan order, optionally by state."""
+        """Jobs (in the manifest unless ``include_retired``) in plan order, optionally by state.
+
+        Builds every matching Job at once: on large states prefer `iter_jobs`, `next_pending`,
+        `counts` or `pending_cost` (a million pending jobs take seconds and gigabytes here).
+        """
         where, args = self._job_filter(states, include_retired)
         sql = f"SELECT {_JOB_COLUMNS} FROM jobs{where} ORDER BY position, id"
         if limit is not None:
