@@ -3,7 +3,8 @@
     python -m bench planning [--small]
 
 One generated manifest: 1,000 prompts (a ``.txt`` file) x seeds 1..1,000 on the flux model
-(``--small``: 100 x 200 = 20,000 jobs). Each phase runs as its own child process
+(``--small``: 100 x 200 = 20,000 jobs, where only correctness is judged: fixed costs dominate
+the timings at that size). Each phase runs as its own child process
 (``python -m bench.planning --phase ...``), reaped with ``os.wait4`` so its peak RSS is its own
 (``ru_maxrss`` of that child alone, not a ``RUSAGE_CHILDREN`` maximum over several children):
 
@@ -305,14 +306,15 @@ def run(small: bool) -> dict[str, Any]:
         status = _child("--phase", "status", str(db))
     ratio = round(plan["seconds"] / raw["seconds"], 2) if raw["seconds"] else None
     first_claim = min(resync["first_claim_replanned_s"], resync["first_claim_fingerprint_s"])
-    ok_s1 = (
-        ratio is not None
-        and ratio <= TARGET_RATIO
-        and plan["peak_rss_mib"] <= TARGET_RSS_MB
-        and plan["added"] == jobs
+    # --small proves the benchmark works: at 20,000 jobs the fixed costs (imports, creating the
+    # schema) outweigh the per-job work, so only correctness is judged there, not the figures.
+    timed = not small
+    ok_s1 = plan["added"] == jobs and (
+        not timed
+        or (ratio is not None and ratio <= TARGET_RATIO and plan["peak_rss_mib"] <= TARGET_RSS_MB)
     )
-    ok_s2 = resync["no_job_written"] and first_claim <= TARGET_FIRST_CLAIM_S
-    ok_s3 = status["cold_s"] <= TARGET_STATUS_S
+    ok_s2 = resync["no_job_written"] and (not timed or first_claim <= TARGET_FIRST_CLAIM_S)
+    ok_s3 = not timed or status["cold_s"] <= TARGET_STATUS_S
     figures: dict[str, Any] = {
         "jobs": jobs,
         "S1": {
@@ -337,7 +339,7 @@ def run(small: bool) -> dict[str, Any]:
         f"S1 plan {jobs:,} jobs: {plan['seconds']} s (planner alone {plan['expand_only_seconds']}"
         f" s) vs raw executemany {raw['seconds']} s -> x{ratio} (target <= {TARGET_RATIO}); "
         f"peak RSS {plan['peak_rss_mib']} MiB (target <= {TARGET_RSS_MB}); state "
-        f"{plan['db_mib']} MiB -> {'ok' if ok_s1 else 'MISSED'}"
+        f"{plan['db_mib']} MiB -> {_verdict(ok_s1, small)}"
     )
     print(
         f"S2 re-plan unchanged: added {resync['report']['added']}, updated "
@@ -345,14 +347,20 @@ def run(small: bool) -> dict[str, Any]:
         f"{resync['no_job_written']}; sync {resync['sync_seconds']} s; first claim "
         f"{resync['first_claim_replanned_s']} s re-planning, "
         f"{resync['first_claim_fingerprint_s']} s via the fingerprint "
-        f"(target <= {TARGET_FIRST_CLAIM_S}) -> {'ok' if ok_s2 else 'MISSED'}"
+        f"(target <= {TARGET_FIRST_CLAIM_S}) -> {_verdict(ok_s2, small)}"
     )
     print(
         f"S3 status on {jobs:,} jobs ({mix['jobs_moved']:,} moved through states): cold "
         f"{status['cold_s']} s, warm {status['warm_s']} s, counts() {status['counts_s']} s "
-        f"(target <= {TARGET_STATUS_S}) -> {'ok' if ok_s3 else 'MISSED'}"
+        f"(target <= {TARGET_STATUS_S}) -> {_verdict(ok_s3, small)}"
     )
     return figures
+
+
+def _verdict(ok: bool, small: bool) -> str:
+    if small:
+        return "works (small: figures not judged)" if ok else "BROKEN"
+    return "ok" if ok else "MISSED"
 
 
 def _main(argv: list[str]) -> None:
