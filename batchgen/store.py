@@ -684,28 +684,46 @@ class Store:
         row = self.db.conn.execute("SELECT value FROM sync WHERE key = 'fingerprint'").fetchone()
         return None if row is None else str(row[0])
 
-    def compare(self, specs: Iterable[JobSpec], *, chunk_size: int = 5_000) -> PlanDiff:
-        """What `sync(specs)` would find, without writing anything (ids assumed distinct)."""
+    def compare(self, specs: Iterable[JobSpec]) -> PlanDiff:
+        """What `sync(specs)` would find, without writing anything (ids assumed distinct).
+
+        Chunks identical to the last complete sync's (same digests, see `sync`) are not looked
+        up one by one: when every chunk of that plan is matched, their jobs are exactly the
+        jobs in the manifest, whose states one `counts()` gives.
+        """
         by_state = {state.value: 0 for state in JobState}
         new_by_sweep: dict[str, int] = {}
         new_by_model: dict[str, int] = {}
         total = new = matched_in_manifest = new_unpriced = 0
         new_cost = 0.0
         conn = self.db.conn
-        specs_iter = iter(specs)
-        while True:
-            chunk = list(islice(specs_iter, chunk_size))
-            if not chunk:
-                break
-            total += len(chunk)
-            found = {
+        row = conn.execute("SELECT value FROM sync WHERE key = 'chunks'").fetchone()
+        chunk_size = int(json.loads(row[0])["size"]) if row is not None else SYNC_CHUNK
+        previous = self._chunk_digests(conn, chunk_size)
+        deferred: list[str] = []  # ids of matched chunks, looked up only if the shortcut fails
+        shortcut, compared = bool(previous), 0
+
+        def look_up(ids: list[str]) -> dict[str, tuple[str, int]]:
+            return {
                 row[0]: (row[1], row[2])
                 for row in conn.execute(
                     "SELECT id, state, in_manifest FROM jobs "
                     "WHERE id IN (SELECT value FROM json_each(?))",
-                    (_ENCODE([s.id for s in chunk]),),
+                    (_ENCODE(ids),),
                 )
             }
+
+        specs_iter = iter(specs)
+        while chunk := list(islice(specs_iter, chunk_size)):
+            total += len(chunk)
+            if shortcut and compared < len(previous):
+                meta_text = {id(s.metadata): _ENCODE(s.metadata) for s in chunk}
+                if _chunk_digest(chunk, meta_text, chunk_size) == previous[compared]:
+                    deferred.extend(s.id for s in chunk)
+                    compared += 1
+                    continue
+                shortcut = False  # a chunk of the last plan differs: look everything up
+            found = look_up([s.id for s in chunk])
             for spec in chunk:
                 hit = found.get(spec.id)
                 if hit is None:
@@ -719,6 +737,18 @@ class Store:
                 else:
                     by_state[hit[0]] += 1
                     matched_in_manifest += hit[1]
+        if shortcut and compared == len(previous):
+            # Every chunk of the last plan matched, in order: its jobs are exactly the jobs in
+            # the manifest (chunks after them hold no job in the manifest: ids are distinct).
+            counts = self.counts()
+            for state in JobState:
+                by_state[state.value] += counts[state.value]
+            matched_in_manifest += len(deferred)
+        else:
+            for start in range(0, len(deferred), chunk_size):
+                for state_value, listed in look_up(deferred[start : start + chunk_size]).values():
+                    by_state[state_value] += 1
+                    matched_in_manifest += listed
         in_manifest = conn.execute("SELECT count(*) FROM jobs WHERE in_manifest = 1").fetchone()[0]
         return PlanDiff(
             total=total,

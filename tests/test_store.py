@@ -520,7 +520,7 @@ def test_compare_says_what_sync_would_do_and_writes_nothing(tmp_path: Path) -> N
         force(s, "job00001", F)
     with Store(path, readonly=True) as ro:
         plan = [*specs(range(1, 4)), spec(7, sweep="b", model="m2", cost=None), spec(8, cost=0.25)]
-        diff = ro.compare(plan, chunk_size=2)
+        diff = ro.compare(plan)
         assert (diff.total, diff.new, diff.done, diff.retire) == (5, 2, 0, 1)
         assert diff.by_state["failed"] == 1 and diff.by_state["pending"] == 2
         assert set(diff.by_state) == {s.value for s in JobState}
@@ -534,6 +534,34 @@ def test_compare_says_what_sync_would_do_and_writes_nothing(tmp_path: Path) -> N
             ro.db.conn.execute("DELETE FROM jobs")
     with Store(path) as s:
         assert s.counts()["pending"] == 2 and s.counts()["retired"] == 0
+
+
+@pytest.mark.parametrize(
+    ("plan", "expected"),
+    [
+        # (total, new, done, retire, pending, failed)
+        pytest.param(list(range(10)), (10, 0, 1, 0, 8, 1), id="unchanged: the counts shortcut"),
+        pytest.param(list(range(12)), (12, 2, 1, 0, 8, 1), id="appended after the last chunk"),
+        pytest.param(list(range(8)), (8, 0, 1, 2, 6, 1), id="shorter: jobs to retire"),
+        pytest.param([0, 1, 2, 3, 5, 4, 6, 7, 8, 9], (10, 0, 1, 0, 8, 1), id="reordered"),
+        pytest.param([0, 1, 2, 3, 4, 5, 6, 7, 8, 42], (10, 1, 1, 1, 7, 1), id="last chunk edited"),
+    ],
+)
+def test_compare_agrees_with_what_sync_then_finds(
+    tmp_path: Path, plan: list[int], expected: tuple[int, ...]
+) -> None:
+    path = tmp_path / "s.db"
+    with Store(path) as s:
+        s.sync(specs(range(10)), chunk_size=4)  # chunks of 4, 4, 2
+        force(s, "job00001", DN)
+        force(s, "job00007", F)
+    with Store(path, readonly=True) as ro:
+        diff = ro.compare(specs(plan))
+    got = (diff.total, diff.new, diff.done, diff.retire, diff.by_state["pending"])
+    assert (*got, diff.by_state["failed"]) == expected
+    with Store(path) as s:  # and sync agrees
+        report = s.sync(specs(plan), chunk_size=4)
+        assert (report.added, report.retired) == (diff.new, diff.retire)
 
 
 def test_readonly_needs_an_existing_state(tmp_path: Path) -> None:
