@@ -81,13 +81,13 @@ class _Events(Protocol):
 #: (phase in [0, 1) differs per job, so that together the jobs of a wave sample time densely
 #: and the first finish is noticed within a fraction of a second), then each poll waits
 #: PRIOR_RATIO times the time elapsed so far
-PRIOR_FIRST = 1.0
+PRIOR_FIRST = 2.0
 PRIOR_RATIO = 2.0
 #: with history, a job is polled at the quantiles 1/k, 2/k, … 1 of the durations seen: about
 #: (k + 1) / 2 calls per job, and a mean notice delay of spread / 2k
 GRID_STEPS = 3.5
 #: polls aim this long after the predicted finish, so that they land after it
-MARGIN = 0.05
+MARGIN = 0.02
 #: never two polls of one job closer than this, nor closer than GAP_FACTOR grid steps
 MIN_STEP = 0.05
 GAP_FACTOR = 0.8
