@@ -1,6 +1,6 @@
 """T5 — polling cost: result calls per job and how soon a finished request is noticed.
 
-The simulator (its own process) runs each request for a time drawn uniformly from 2–5 s on at
+The simulator (its own process) runs each request for a time drawn uniformly from 2-5 s on at
 least N workers; ``batchgen run`` (a measured child, ``max_in_flight`` N) polls with its adaptive
 planner. The simulator counts every call and, per request, the delay between its finish and the
 first result call that saw it finished (``result_notice_delay``). The hand-written loop that
@@ -72,17 +72,19 @@ def _baseline(sim: Any, folder: Path, jobs: int, slots: int) -> dict[str, Any] |
 def run(small: bool) -> dict[str, Any]:
     """Measure T5 for batchgen and the 2-second loop; print and return the figures."""
     jobs, slots, latency = (64, 16, (1.0, 2.5)) if small else (160, 32, (2.0, 5.0))
-    with common.simulator(workers=slots, latency=latency) as sim:
-        with tempfile.TemporaryDirectory(prefix="bench-polling-") as tmp:
-            folder = Path(tmp)
-            manifest = common.write_manifest(folder, jobs=jobs, max_in_flight=slots, name="polling")
-            child = common.run_batchgen(manifest, base_url=sim.base_url, token=sim.token)
-            if child.returncode != 0:
-                raise RuntimeError(f"batchgen failed ({child.returncode}): {child.stderr[-2000:]}")
-            ours = _figures(sim.metrics(), jobs)
-            ours["child_seconds"] = child.seconds
-            sim.reset_metrics()
-            baseline = _baseline(sim, folder, jobs, slots)
+    with (
+        common.simulator(workers=slots, latency=latency) as sim,
+        tempfile.TemporaryDirectory(prefix="bench-polling-") as tmp,
+    ):
+        folder = Path(tmp)
+        manifest = common.write_manifest(folder, jobs=jobs, max_in_flight=slots, name="polling")
+        child = common.run_batchgen(manifest, base_url=sim.base_url, token=sim.token)
+        if child.returncode != 0:
+            raise RuntimeError(f"batchgen failed ({child.returncode}): {child.stderr[-2000:]}")
+        ours = _figures(sim.metrics(), jobs)
+        ours["child_seconds"] = child.seconds
+        sim.reset_metrics()
+        baseline = _baseline(sim, folder, jobs, slots)
     figures: dict[str, Any] = {
         "target": f"calls/job <= {TARGET_CALLS}, mean notice delay <= {TARGET_DELAY}s",
         "jobs": jobs,

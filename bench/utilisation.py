@@ -48,13 +48,15 @@ def phase_from_timeline(metrics: dict[str, Any]) -> dict[str, Any]:
 def run(small: bool) -> dict[str, Any]:
     """Measure T1; print and return the figures."""
     jobs, slots, latency = (64, 16, 2.0) if small else (160, 32, 5.0)
-    with common.simulator(workers=slots, latency=(latency, latency)) as sim:
-        with tempfile.TemporaryDirectory(prefix="bench-utilisation-") as tmp:
-            manifest = common.write_manifest(
-                Path(tmp), jobs=jobs, max_in_flight=slots, name="utilisation"
-            )
-            child = common.run_batchgen(manifest, base_url=sim.base_url, token=sim.token)
-            metrics = sim.metrics(timeline=True)
+    with (
+        common.simulator(workers=slots, latency=(latency, latency)) as sim,
+        tempfile.TemporaryDirectory(prefix="bench-utilisation-") as tmp,
+    ):
+        manifest = common.write_manifest(
+            Path(tmp), jobs=jobs, max_in_flight=slots, name="utilisation"
+        )
+        child = common.run_batchgen(manifest, base_url=sim.base_url, token=sim.token)
+        metrics = sim.metrics(timeline=True)
         if child.returncode != 0:
             raise RuntimeError(f"batchgen run failed ({child.returncode}): {child.stderr[-2000:]}")
     phase = phase_from_timeline(metrics)
