@@ -548,3 +548,36 @@ def test_files_get_ordinary_permissions(run: Run) -> None:
     for path in report.files.values():
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
     assert not [p for p in run.root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_retired_jobs_are_not_listed(run: Run) -> None:
+    gone = run.specs[7]
+    run.store.sync([s for s in run.specs if s.id != gone.id])  # the job left the manifest
+    report = write_outputs(run.store, run.manifest)
+    assert gone.id not in {r["job_id"] for r in iter_metadata(report.files["jsonl"])}
+    assert report.images == len(run.images) - 1
+    assert report.stats["counts"]["retired"] == 1
+
+
+def test_hostile_prompts_round_trip_through_datasets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    datasets = pytest.importorskip("datasets")
+    manifest = _manifest(tmp_path)
+    prompts = ["🦊 in snow", "\u202eevil RTL\u202c and a NUL\x00", "../../etc/passwd", "x" * 10_000]
+    specs = [_spec(i, NANO, {"prompt": p}) for i, p in enumerate(prompts)]
+    with Store(memory=True) as store:
+        store.sync(specs)
+        for spec in specs:
+            _finish(store, Path(manifest.output), spec, [(8, 8)])
+        write_outputs(store, manifest)
+    ds = datasets.load_dataset(
+        "imagefolder",
+        data_dir=str(manifest.output),
+        split="train",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    assert ds["prompt"] == prompts

@@ -316,6 +316,41 @@ def test_jobs_without_a_parameter_axis_are_left_out(tmp_path: Path) -> None:
         assert flux_sheet[0].is_file()
 
 
+def test_where_on_a_prompt_column(tmp_path: Path) -> None:
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "parti.tsv").write_text(
+        "Prompt\tCategory\n"
+        "a red fox\tAnimals\n"
+        "an owl at night\tAnimals\n"
+        "a lighthouse\tOutdoor Scenes\n",
+        encoding="utf-8",
+    )
+    path = tmp_path / "parti.yaml"
+    path.write_text(
+        f"name: parti\nprovider: simulator\noutput: {tmp_path / 'out'}\n"
+        f"sweeps:\n  - model: {NANO}\n    prompts:\n      - file: parti.tsv\n"
+        "        column: Prompt\n    grid:\n      aspect_ratio: ['1:1', '16:9']\n",
+        encoding="utf-8",
+    )
+    manifest = load_manifest(path)
+    with Store(memory=True) as store:
+        _populate(store, manifest)
+        out = make_grid(
+            store,
+            manifest,
+            "aspect_ratio",
+            "prompt",
+            where={"Category": "Animals"},
+            out=tmp_path / "animals.png",
+            tile=TILE,
+        )[0]
+    # two animal prompts, not three prompts
+    layout = _layout(
+        ("aspect_ratio", ["1:1", "16:9"]), ("prompt", ["a red fox", "an owl at night"])
+    )
+    assert Image.open(out).size == (layout.width, layout.height)
+
+
 def test_z_axis_gives_one_sheet_per_value(sweep: Sweep, tmp_path: Path) -> None:
     paths = make_grid(
         sweep.store,
