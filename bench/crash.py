@@ -8,9 +8,10 @@ run the same harness, :func:`crash_run`:
    expiring URLs), at rates that make every fault fire several times;
 2. run ``batchgen run MANIFEST --yes`` as a subprocess with ``provider: runcomfy`` and
    ``RUNCOMFY_BASE_URL``/``RUNCOMFY_API_TOKEN`` pointing at the simulator — the real provider,
-   unchanged — and SIGKILL it each time the simulator has accepted a seeded number of submits
-   (plus a seeded delay), so the kills land at random points of submitting, polling and
-   downloading;
+   unchanged — and SIGKILL it on a seeded schedule (:func:`kill_schedule`): mostly once the
+   simulator has accepted a seeded number of submits (plus a seeded delay), so kills land at
+   random points of submitting, polling and downloading; some a moment after a restart starts,
+   so they land in its recovery and plan sync;
 3. restart it until it exits 0 or 1 (every job terminal); then ``batchgen retry --unknown`` and run
    again, on purpose, for the jobs a kill or a lost answer left ``unknown`` — the only submits
    allowed to repeat;
@@ -76,6 +77,10 @@ class CrashConfig:
     #: kill once the simulator accepted this fraction range of the jobs, plus up to this delay
     kill_between: tuple[float, float] = (0.08, 0.85)
     kill_delay: tuple[float, float] = (0.0, 0.6)
+    #: of the kills, how many strike this many seconds after the process starts instead: a
+    #: restart's recovery, resume and plan sync (they come second, fourth, ... in the schedule)
+    startup_kills: int = 1
+    startup_window: tuple[float, float] = (0.4, 1.6)
     #: how many ``retry --unknown`` + run rounds to make at most
     retry_rounds: int = 3
     #: one ``batchgen run`` may take this long before the harness calls it hung
@@ -100,7 +105,7 @@ DEFAULT_FAULTS: dict[str, Any] = {
 }
 
 SMALL = CrashConfig(jobs=300, kills=3, faults=DEFAULT_FAULTS, run_timeout=60.0)
-FULL = CrashConfig(jobs=2000, kills=10, faults=DEFAULT_FAULTS, run_timeout=300.0)
+FULL = CrashConfig(jobs=2000, kills=10, startup_kills=3, faults=DEFAULT_FAULTS, run_timeout=300.0)
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -309,6 +314,8 @@ class _Attempt:
     killed: bool = False
     seconds: float = 0.0
     submits_at_kill: int | None = None
+    #: jobs the kill caught mid-way, by state (read from the state right after the kill)
+    caught: dict[str, int] = field(default_factory=dict)
 
 
 def _run_once(
@@ -348,6 +355,26 @@ def _run_once(
     return proc.returncode, False, time.monotonic() - started
 
 
+def kill_schedule(cfg: CrashConfig) -> list[tuple[int, float]]:
+    """The seeded kill points: (simulator submits to wait for, then seconds to wait).
+
+    Progress kills take one point per equal slice of the submit range, so no two fall together;
+    startup kills (0 submits, a delay in ``startup_window``) are put second, fourth, ... so that
+    they hit a restart's recovery of the state an earlier kill left.
+    """
+    rng = random.Random(cfg.seed)
+    progress = cfg.kills - cfg.startup_kills
+    lo, hi = (cfg.jobs * f for f in cfg.kill_between)
+    step = (hi - lo) / max(progress, 1)
+    points = [
+        (max(1, int(rng.uniform(lo + i * step, lo + (i + 1) * step))), rng.uniform(*cfg.kill_delay))
+        for i in range(progress)
+    ]
+    for k in range(cfg.startup_kills):
+        points.insert(min(1 + 2 * k, len(points)), (0, rng.uniform(*cfg.startup_window)))
+    return points
+
+
 def crash_run(cfg: CrashConfig, workdir: Path) -> dict[str, Any]:
     """Run the whole R1 scenario in ``workdir`` and return its report (see module docstring)."""
     from batchgen.simulator import Simulator, SimulatorConfig
@@ -357,15 +384,7 @@ def crash_run(cfg: CrashConfig, workdir: Path) -> dict[str, Any]:
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
     manifest = write_crash_manifest(workdir, cfg)
-    rng = random.Random(cfg.seed)
-    # One kill point per equal slice of the submit range, so that no two kills fall together.
-    lo, hi = (cfg.jobs * f for f in cfg.kill_between)
-    step = (hi - lo) / cfg.kills
-    thresholds = [
-        max(1, int(rng.uniform(lo + i * step, lo + (i + 1) * step))) for i in range(cfg.kills)
-    ]
-    delays = [rng.uniform(*cfg.kill_delay) for _ in range(cfg.kills)]
-
+    schedule = kill_schedule(cfg)
     sim_cfg = SimulatorConfig(
         workers=cfg.workers,
         latency=cfg.latency,
@@ -381,6 +400,7 @@ def crash_run(cfg: CrashConfig, workdir: Path) -> dict[str, Any]:
         run_argv = batchgen_command("run", manifest, "--yes")
 
         def attempt(kind: str, kill_at: int | None = None, delay: float = 0.0) -> _Attempt:
+            """One run; with ``kill_at``, SIGKILL it ``delay`` s after that many submits."""
             record = _Attempt(number=len(attempts) + 1, kind=kind)
             attempts.append(record)
             reached: list[float] = []
@@ -409,6 +429,7 @@ def crash_run(cfg: CrashConfig, workdir: Path) -> dict[str, Any]:
             record.exit_code, record.killed, record.seconds = rc, killed, seconds
             if killed:
                 record.submits_at_kill = total_submits(sim.metrics())
+                record.caught = _caught(workdir / "state/crash.db")
             elif rc not in TERMINAL_EXITS:
                 err = (logs / f"run-{record.number:02d}.err").read_text(errors="replace")
                 raise RuntimeError(
@@ -416,8 +437,8 @@ def crash_run(cfg: CrashConfig, workdir: Path) -> dict[str, Any]:
                 )
             return record
 
-        # Phase 1: kill at each threshold; a run that ends before its threshold just ends.
-        for kill_at, delay in zip(thresholds, delays, strict=True):
+        # Phase 1: kill at each point; a run that ends before its point just ends.
+        for kill_at, delay in schedule:
             if attempt("kill", kill_at, delay).exit_code in TERMINAL_EXITS:
                 break
         # Phase 2: restart until every job is terminal.
@@ -450,6 +471,7 @@ def crash_run(cfg: CrashConfig, workdir: Path) -> dict[str, Any]:
         # every kill was followed by a restart that resumed (an attempt that fails raises)
         kills_survived=sum(a.killed for a in attempts),
         kill_points_submits=[a.submits_at_kill for a in attempts if a.killed],
+        kills_caught=[a.caught for a in attempts if a.killed],
         runs=len(attempts),
         exit_codes=[a.exit_code for a in attempts],
         unknown_before_retry=unknown_before_retry,
@@ -471,6 +493,22 @@ def _run_checked(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_ste
     if rc != 0:
         err = Path(f"{log_stem}.err").read_text(errors="replace")
         raise RuntimeError(f"{' '.join(argv[3:])} exited {rc}:\n{err[-3000:]}")
+
+
+def _caught(db_path: Path) -> dict[str, int]:
+    """Jobs left mid-way (submitting, queued, running, downloading) in a killed run's state."""
+    from batchgen.errors import StoreError
+    from batchgen.store import Store
+
+    try:
+        store = Store(db_path, readonly=True)
+    except StoreError:
+        return {}  # killed before the state was created or migrated
+    try:
+        counts = store.counts()
+    finally:
+        store.close()
+    return {k: counts[k] for k in ("submitting", "queued", "running", "downloading") if counts[k]}
 
 
 def _job_ids(db_path: Path, state: str) -> list[str]:

@@ -1,0 +1,108 @@
+"""R1, the CI size: 300 jobs, 3 SIGKILLs of ``batchgen run``, the simulator's faults on.
+
+The harness is ``bench/crash.py`` (``python -m bench crash`` runs the full 2,000-job, 10-kill
+version); this file runs it small and asserts its audit, then proves the audit itself can fail by
+tampering with a copy of the finished state and output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchgen.store import Store
+from bench.crash import SMALL, audit, crash_run, integrity_check
+
+pytestmark = pytest.mark.timeout(170)
+
+#: the faults R1 names; each must fire at least twice for the run to prove anything
+FAULTS_REQUIRED = (
+    "http_429",
+    "http_429_retry_after",
+    "http_5xx",
+    "drop_connection",
+    "lost_submit",
+    "job_failure",
+    "truncated_download",
+    "url_ttl",
+)
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Any], Path]]:
+    """Run the small crash scenario once for the whole module."""
+    workdir = tmp_path_factory.mktemp("crash")
+    report = crash_run(SMALL, workdir)
+    (workdir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    yield report, workdir
+
+
+def test_every_kill_was_survived(crashed: tuple[dict[str, Any], Path]) -> None:
+    report, _ = crashed
+    assert report["kills"] == SMALL.kills, report["exit_codes"]
+    # the last run of the scenario ended by itself, with every job terminal
+    assert report["exit_codes"][-1] in (0, 1), report["exit_codes"]
+
+
+def test_audit_is_clean(crashed: tuple[dict[str, Any], Path]) -> None:
+    report, workdir = crashed
+    assert report["violations"] == [], (
+        f"{len(report['violations'])} violations (report in {workdir / 'report.json'}):\n"
+        + "\n".join(report["violations"][:40])
+    )
+
+
+def test_every_job_is_accounted_for(crashed: tuple[dict[str, Any], Path]) -> None:
+    report, _ = crashed
+    states = report["states"]
+    assert sum(states.values()) == SMALL.jobs
+    assert set(states) <= {"done", "failed", "unknown"}, states
+    # Faults fail a few jobs on purpose; most must still get through.
+    assert states.get("done", 0) >= 0.75 * SMALL.jobs, states
+    assert report["images_on_disk"] == report["outputs"] or report["images_on_disk"] > 0
+
+
+def test_every_fault_fired(crashed: tuple[dict[str, Any], Path]) -> None:
+    report, _ = crashed
+    fired = report["faults_fired"]
+    quiet = {name: fired.get(name, 0) for name in FAULTS_REQUIRED if fired.get(name, 0) < 2}
+    assert not quiet, f"faults that fired too rarely to prove anything: {quiet} ({fired})"
+
+
+def test_duplicates_only_from_retried_unknowns(crashed: tuple[dict[str, Any], Path]) -> None:
+    report, _ = crashed
+    assert report["duplicates_unexplained"] == 0
+    assert report["duplicates"] <= report["unknown_retried_jobs"] * (SMALL.retry_rounds)
+
+
+def test_the_audit_catches_tampering(crashed: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
+    """A corrupted image, a leftover .part, a stray file and an extra submit are each reported."""
+    _, workdir = crashed
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir / "out", copy / "out")
+    shutil.copytree(workdir / "state", copy / "state")
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    db = copy / "state" / "crash.db"
+    store = Store(db)
+    try:
+        victim = copy / "out" / sorted(o.path for o in store.outputs())[0]
+    finally:
+        store.close()
+    victim.write_bytes(victim.read_bytes()[:-10])
+    (victim.parent / (victim.name + ".part")).write_bytes(b"half")
+    (copy / "out" / "stray.png").write_bytes(b"not recorded")
+    metrics["submits"]["duplicates"].append(
+        {"body_sha256": "0" * 64, "count": 3, "request_ids": ["forged-1", "forged-2", "forged-3"]}
+    )
+
+    found = "\n".join(audit(db, copy / "out", metrics, {})["violations"])
+    assert "sha256 on disk" in found
+    assert "temporary file left behind" in found
+    assert "stray.png" in found
+    assert "submitted" in found and "times" in found
+    assert integrity_check(db) == "ok"
