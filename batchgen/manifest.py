@@ -236,7 +236,18 @@ def _read_yaml(path: Path) -> tuple[Any, dict[str, int], bytes]:
         raise ManifestError.at(
             file, line, "", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
         ) from None
-    loader = _LineLoader(text)
+    try:
+        loader = _LineLoader(text)
+    except yaml.reader.ReaderError as exc:
+        # raised before any parsing: a control character YAML does not allow anywhere
+        line = text[: exc.position].count("\n") + 1
+        raise ManifestError.at(
+            file,
+            line,
+            _syntax_error_path(text[: exc.position]),
+            f"YAML cannot contain the control character U+{exc.character:04X}"
+            " (remove it, or write it as an escape such as \\x01 in a double-quoted string)",
+        ) from None
     lines: dict[str, int] = {}
     issues: list[ManifestIssue] = []
     try:
