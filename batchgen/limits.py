@@ -46,8 +46,11 @@ EPSILON = 1e-6
 SLOW_FACTOR = 0.5
 #: ... but never slower than this fraction
 MIN_FACTOR = 1 / 32
-#: each successful call gives back this much of the rate (50 successes from half speed to full)
-RECOVERY_STEP = 0.01
+#: each successful call gives back this much of the rate (25 successes from half speed to full)
+RECOVERY_STEP = 0.02
+#: the meters are slowed at most once per this many seconds: a burst of 429s (or a server that
+#: refuses a share of calls at random) is one signal, not a collapse to the slowest rate
+THROTTLE_SPACING = 0.5
 #: a learned rate this many times its reference is dropped: the meter is unlimited again
 LEARNED_RELEASE = 16.0
 #: consecutive successes that forgive one level of backoff
@@ -243,6 +246,7 @@ class RateLimiter:
         #: consecutive 429s not yet forgiven by successes; drives the backoff length
         self.level = 0
         self._successes = 0
+        self._throttled_at = -math.inf
         #: totals for the summary
         self.rate_limited = 0
 
@@ -303,6 +307,8 @@ class RateLimiter:
         escalated = now >= self.paused_until
         if escalated:
             self.level += 1
+        if escalated and now - self._throttled_at >= THROTTLE_SPACING:
+            self._throttled_at = now
             # Every call goes through the request meter, so throttling it slows submits too; the
             # submit meter is only lowered when the user set one (learning a submit rate from a
             # 429 on polls would starve submits).

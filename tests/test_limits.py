@@ -291,7 +291,7 @@ def test_unlimited_meter_learns_a_rate_from_a_429_and_lets_go_later() -> None:
     clock.now = 0.3
     meter.throttle()
     assert meter.learned and meter.rate == pytest.approx(15.0)
-    for _ in range(50):
+    for _ in range(25):
         meter.recover()
     assert meter.rate == pytest.approx(30.0)
     for _ in range(400):
