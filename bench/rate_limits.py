@@ -135,7 +135,8 @@ def run(small: bool) -> dict[str, Any]:
     )
     requests = _requests(small)
     print(
-        f"T3 requests_per_second 20: max per 1-s window {requests['max_in_1s_window_by_endpoint']}, "
+        "T3 requests_per_second 20: max per 1-s window "
+        f"{requests['max_in_1s_window_by_endpoint']}, "
         f"all API calls per whole second max {requests['max_api_calls_in_a_whole_second']} "
         f"(limit 20 + 1), mean {requests['mean_per_s']}/s = {requests['mean_ratio']:.3f} x limit  "
         f"{'ok' if requests['ok'] else 'MISSED'}"

@@ -3,9 +3,9 @@
 Two runs of ``batchgen run`` (measured children) against a simulator in its own process:
 
 - **server limit**: the simulator admits 10 calls per second per token and answers 429 with a
-  ``Retry-After`` beyond that, while the manifest allows 25 requests per second and 32 requests in
-  flight, so the first wave of submits alone goes over the server's limit. batchgen must honour Retry-After and slow the whole
-  run (its request meter halves, then recovers gradually).
+  ``Retry-After`` beyond that, while the manifest allows 25 requests per second and 32 requests
+  in flight, so the first wave of submits alone goes over the server's limit. batchgen must
+  honour Retry-After and slow the whole run (its request meter halves, then recovers gradually).
 - **random 429s without Retry-After**: 5 % of API calls answered 429 with no header (adaptive
   polling); batchgen backs off exponentially with jitter, run-wide.
 
