@@ -196,6 +196,8 @@ class RunSummary:
     #: estimated USD of every submit that may have reached the API (all runs), and of the plan
     spent_usd: float = 0.0
     planned_usd: float = 0.0
+    #: jobs of the manifest without a price (counted as $0 in the estimates)
+    unpriced: int = 0
     #: (error class, sample message, count) over failed/unknown jobs of the state
     top_errors: list[tuple[str, str, int]] = field(default_factory=list)
     #: errors met this run by class (retried ones included)
@@ -519,6 +521,7 @@ class Runner:
             unknown=self._counters["unknown"],
             spent_usd=round(spent, 6),
             planned_usd=round(planned, 6),
+            unpriced=store.unpriced(),
             top_errors=store.top_errors(5),
             errors=dict(self._errors),
             rate_limited=self.limiter.rate_limited,

@@ -85,6 +85,7 @@ class Progress:
         self.quiet = quiet
         self.bars: dict[str, Any] = {}
         self.errors: Counter[str] = Counter()
+        self.told_slow_down = False
 
     def _bar(self, key: str, desc: str, total: int, position: int) -> Any:
         if self.quiet:
@@ -124,6 +125,11 @@ class Progress:
             if in_flight or downloading:
                 self.write(f"resuming: {in_flight} request(s) in flight, {downloading} download(s)")
         elif kind in ("submitted", "finished", "downloaded"):
+            downloads = self.bars.get("downloaded")
+            if kind == "finished" and data.get("status") != "succeeded" and downloads is not None:
+                # nothing to download for a failed, cancelled or timed-out request
+                downloads.total = max(downloads.n, (downloads.total or 0) - 1)
+                downloads.refresh()
             bar = self.bars.get(kind)
             if bar is not None:
                 if bar.total is not None and bar.n >= bar.total:  # resubmits of retried jobs
@@ -143,7 +149,8 @@ class Progress:
                     f"! {error_class} ({action}): {data['message']} — further ones are counted"
                 )
         elif kind == "slow_down":
-            if data.get("level") == 1:
+            if not self.told_slow_down:
+                self.told_slow_down = True
                 why = (
                     f"Retry-After {data['retry_after']:g}s"
                     if data.get("retry_after") is not None
@@ -185,7 +192,7 @@ def _summary_lines(summary: RunSummary, manifest: Manifest) -> list[str]:
         f"  this run: {summary.submitted:,} submitted, {summary.images:,} images "
         f"({summary.images_per_minute:,.1f}/min), {summary.failed:,} failed",
         f"  estimated cost: {_money(summary.spent_usd)} spent of {_money(summary.planned_usd)} "
-        "planned",
+        "planned" + (f" ({summary.unpriced:,} jobs have no price)" if summary.unpriced else ""),
     ]
     if summary.errors:
         errors = ", ".join(
