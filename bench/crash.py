@@ -582,6 +582,7 @@ def audit(
                     f"job {job.id} output {out.path}: {path.stat().st_size} bytes "
                     f"on disk, {out.bytes} recorded"
                 )
+            violations += _check_sidecar(path, job, out)
             expected = served.get(_uri_path(out.uri))
             if expected is None:
                 violations.append(f"job {job.id} output {out.uri}: the simulator never served it")
@@ -595,23 +596,24 @@ def audit(
             violations.append(f"{n} outputs recorded at the same path {path}")
 
     # The disk: only recorded images, their sidecars and the root files; nothing temporary.
+    sidecars = {_sidecar(path) for path in recorded_paths}
+    unfinished = _paths_of_unfinished(by_job, jobs, root)
     images_on_disk = 0
     for entry in walk_files(output_root):
         rel = entry.relative_to(output_root)
+        resolved = entry.resolve()
         if entry.is_symlink():
             violations.append(f"symlink in the output folder: {rel}")
         elif entry.name.endswith(TEMP_SUFFIXES) or (
             entry.name.startswith(".") and "tmp" in entry.name
         ):
             violations.append(f"temporary file left behind: {rel}")
-        elif entry.suffix == ".json" and entry.with_suffix("").resolve() in recorded_paths:
-            continue  # sidecar of a recorded image
-        elif str(rel) in ROOT_FILES:
+        elif str(rel) in ROOT_FILES or resolved in sidecars:
             continue
-        elif entry.resolve() in recorded_paths:
+        elif resolved in recorded_paths:
             images_on_disk += 1
-        elif entry.suffix == ".json" or entry.resolve() in _paths_of_unfinished(by_job, jobs, root):
-            continue  # a sidecar or image of a job that did not end done (failed mid-way)
+        elif resolved in unfinished or _sidecar(resolved) in unfinished:
+            continue  # recorded by a job that then failed (its files are kept for inspection)
         else:
             violations.append(f"file no done job recorded: {rel}")
 
@@ -658,6 +660,32 @@ def audit(
         "integrity_check": integrity,
         "violations": violations,
     }
+
+
+def _sidecar(image: Path) -> Path:
+    """Where batchgen writes an image's JSON sidecar."""
+    from batchgen.download import sidecar_path
+
+    return sidecar_path(image)
+
+
+def _check_sidecar(image: Path, job: Any, out: Any) -> list[str]:
+    """The sidecar beside a done image exists and describes that very download."""
+    sidecar = _sidecar(image)
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [f"job {job.id} output {out.path}: sidecar {sidecar.name} unreadable ({exc})"]
+    wrong = {
+        key: (data.get(key), want)
+        for key, want in (
+            ("job_id", job.id),
+            ("sha256", out.sha256),
+            ("request_id", job.request_id),
+        )
+        if data.get(key) != want
+    }
+    return [f"job {job.id} output {out.path}: sidecar says {wrong}"] if wrong else []
 
 
 def _paths_of_unfinished(

@@ -155,6 +155,8 @@ def test_token_never_written_printed_or_sent_to_a_download_host(tmp_path: Path) 
         batchgen("plan", manifest, "--json", env=env, ok=(0,))
         metrics = sim.metrics()
     assert sum(metrics["faults"].values()) >= 5, metrics["faults"]
+    # -vv really logged at debug level: the grep below reads the most talkative output there is
+    assert any(b"DEBUG" in blob for _, blob in printed), "no debug log to search"
 
     # The run went through the faults it was meant to survive, and wrote files.
     files = list(walk_files(tmp_path))
