@@ -74,6 +74,8 @@ class CrashConfig:
     #: manifest limits
     max_in_flight: int = 24
     max_attempts: int = 6
+    #: the manifest's ``limits.on_ambiguous_submit``: park (unknown) or retry (counted)
+    on_ambiguous: str = "park"
     #: kill once the simulator accepted this fraction range of the jobs, plus up to this delay
     kill_between: tuple[float, float] = (0.08, 0.85)
     kill_delay: tuple[float, float] = (0.0, 0.6)
@@ -282,7 +284,7 @@ limits:
   max_in_flight: {cfg.max_in_flight}
   max_attempts: {cfg.max_attempts}
   job_timeout: 300
-  on_ambiguous_submit: park
+  on_ambiguous_submit: {cfg.on_ambiguous}
 download:
   timeout: 15
   max_bytes: 20000000
@@ -635,12 +637,15 @@ def audit(
                 f"job matches it (request ids {entry['request_ids']})"
             )
             continue
-        allowed = 1 + retried.get(job.id, 0)
+        # retried on purpose: by the user (`retry --unknown`), or by batchgen under
+        # `on_ambiguous_submit: retry`, which must count each such resubmit on the job
+        allowed = 1 + retried.get(job.id, 0) + job.possible_duplicates
         if n > allowed:
             unexplained += n - allowed
             violations.append(
                 f"job {job.id} was submitted {n} times; at most {allowed} allowed "
-                f"({retried.get(job.id, 0)} retries on purpose)"
+                f"({retried.get(job.id, 0)} retries by the user, {job.possible_duplicates} "
+                "counted possible duplicates)"
             )
     submits = total_submits(metrics)
     distinct = int(metrics["submits"]["distinct_bodies"])
@@ -657,6 +662,7 @@ def audit(
         "submits": submits,
         "duplicates": duplicates,
         "duplicates_unexplained": unexplained,
+        "possible_duplicates_counted": sum(job.possible_duplicates for job in jobs),
         "integrity_check": integrity,
         "violations": violations,
     }

@@ -7,6 +7,7 @@ tampering with a copy of the finished state and output folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -87,6 +88,30 @@ def test_duplicates_only_from_retried_unknowns(crashed: tuple[dict[str, Any], Pa
     report, _ = crashed
     assert report["duplicates_unexplained"] == 0
     assert report["duplicates"] <= report["unknown_retried_jobs"] * (SMALL.retry_rounds)
+
+
+def test_retry_mode_counts_every_duplicate_it_may_pay(tmp_path: Path) -> None:
+    """``on_ambiguous_submit: retry``: lost answers are resubmitted at once, each one counted.
+
+    Every submit the simulator saw twice must be covered by the job's ``possible_duplicates``
+    (what `status` reports as "may have been paid twice"), kills included.
+    """
+    cfg = dataclasses.replace(
+        SMALL,
+        jobs=120,
+        kills=2,
+        on_ambiguous="retry",
+        faults={**SMALL.faults, "lost_submit": 0.06},
+        seed=7,
+    )
+    report = crash_run(cfg, tmp_path / "retry-mode")
+    assert report["violations"] == [], "\n".join(report["violations"][:40])
+    assert report["duplicates"] > 0, "no lost answer was resubmitted: nothing was tested"
+    # every duplicate is explained by the job's own count or a `retry --unknown` of ours
+    assert (
+        report["possible_duplicates_counted"] + report["unknown_retried_jobs"]
+        >= (report["duplicates"])
+    )
 
 
 def test_the_audit_catches_tampering(crashed: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
