@@ -395,6 +395,11 @@ class Runner:
             # Safe: the submit loop only awaits before mark_submitting (slots, meters); the
             # POST itself runs in its own task, which is left to finish.
             self._submit_loop_task.cancel()
+        # Polls are reads: cancelling one at any await (waiting for the meter, or for the
+        # answer) changes no state, and the next run polls that request again. Only POSTs in
+        # flight (their request id must be stored) and downloads are waited for.
+        for task in list(self._tasks):
+            task.cancel()
         self._heap_changed.set()
         self._check_idle()
 
