@@ -7,6 +7,7 @@ The simulator runs in this test process; the child reaches it with ``provider: r
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -106,6 +107,19 @@ def test_sigint_then_rerun_finishes(simulator_factory: Callable[..., Any], tmp_p
     db = tmp_path / "state.db"
     proc = spawn(manifest, sim)
     wait_for(lambda: counts(db).get("done", 0) >= 8)
+    # status reads while the run writes (no lock taken, nothing blocked)
+    started = time.monotonic()
+    status = subprocess.run(
+        [sys.executable, "-m", "batchgen", "status", str(manifest), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["running"] is True and data["run_pid"] == proc.pid
+    assert sum(data["counts"].values()) == 48 and data["counts"]["done"] >= 8
+    assert time.monotonic() - started < 10
     proc.send_signal(signal.SIGINT)
     code, out, err = finish(proc, 30)
     assert code == 130, (out, err)
