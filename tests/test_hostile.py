@@ -218,11 +218,6 @@ def test_hostile_prompts_stay_inside_with_portable_names(tmp_path: Path) -> None
     assert not leftovers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported defect: manifest._read_yaml builds the YAML loader outside its try, so "
-    "yaml.reader.ReaderError (a raw control character) escapes as a traceback with exit 1",
-)
 def test_a_raw_control_character_in_the_manifest_is_a_located_error(tmp_path: Path) -> None:
     """A prompt pasted with a raw DEL/ESC byte: exit 2 naming file and line, never a traceback."""
     path = tmp_path / "raw.yaml"
