@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from batchgen.simulator import Simulator
@@ -60,7 +60,7 @@ def simulator(
     *,
     workers: int,
     latency: tuple[float, float] | str = (0.0, 0.0),
-    image_mode: str = "small",
+    image_mode: Literal["full", "small"] = "small",
     seed: int = 0,
     **config: Any,
 ) -> Iterator[Simulator]:
