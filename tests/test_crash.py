@@ -11,6 +11,7 @@ import dataclasses
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ import pytest
 
 from batchgen.store import Store
 from bench.crash import (
-    ROOT_FILES,
     SMALL,
+    TEMP_SUFFIXES,
     audit,
     batchgen_command,
     crash_run,
@@ -147,14 +148,14 @@ def test_the_audit_catches_tampering(crashed: tuple[dict[str, Any], Path], tmp_p
     reason="reported defect: export._AtomicFiles temporaries (.rows/.metadata.jsonl/... .tmp) "
     "left by a SIGKILL during the end-of-run export are never removed by a later run",
 )
-def test_a_restart_sweeps_the_temporary_files_a_kill_left(
+def test_a_kill_during_the_export_leaves_no_temporary_file_after_the_next_run(
     crashed: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:
-    """A SIGKILL while the dataset files are written leaves their temporary names behind.
+    """SIGKILL ``run`` while it writes metadata.jsonl & co., then run again: nothing temporary.
 
-    The export writes ``.<name>.<hex>.tmp`` and renames it; a kill in between leaves the
-    temporary file, and no later run ever writes that name again. The next run (which holds the
-    state's lock, so no other batchgen writes there) must remove such leftovers.
+    The kill is aimed: the output root is watched and the run killed the moment a temporary
+    file appears in it. Every job is terminal, so the runs make no API call (the port is
+    closed): they only resume, find nothing to do, and export.
     """
     _, workdir = crashed
     copy = tmp_path / "copy"
@@ -162,22 +163,24 @@ def test_a_restart_sweeps_the_temporary_files_a_kill_left(
         shutil.copytree(workdir / name, copy / name)
     for name in ("crash.yaml", "prompts.txt"):
         shutil.copy(workdir / name, copy / name)
-    # the names a kill during the export really leaves (the scratch file ".rows.<hex>.tmp" was
-    # caught by SIGKILLing a run the moment a temporary file appeared)
-    names = [*sorted(ROOT_FILES), "rows"]
-    leftovers = [copy / "out" / f".{name}.0123456789ab.tmp" for name in names]
-    for path in leftovers:
-        path.write_text('{"half": ')
-    # Every job is terminal: this run makes no API call (the port is closed), it only exports.
+    out = copy / "out"
     env = provider_env("http://127.0.0.1:9", "unused-token")
-    result = subprocess.run(
-        batchgen_command("run", "crash.yaml", "--yes"),
-        cwd=copy,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    argv = batchgen_command("run", "crash.yaml", "--yes")
+    caught: list[str] = []
+    for _ in range(5):
+        proc = subprocess.Popen(
+            argv, cwd=copy, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        while proc.poll() is None and not caught:
+            caught = [p.name for p in out.iterdir() if p.name.endswith(TEMP_SUFFIXES)]
+            time.sleep(0.0005)
+        proc.kill()
+        proc.wait()
+        if caught:
+            break
+    if not caught:
+        pytest.skip("the export never lasted long enough to be caught half-way")
+    result = subprocess.run(argv, cwd=copy, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode in (0, 1), result.stderr[-3000:]
-    left = [p.name for p in leftovers if p.exists()]
-    assert not left, f"temporary files a killed export left are still there: {left}"
+    left = [p.name for p in out.iterdir() if p.name.endswith(TEMP_SUFFIXES)]
+    assert not left, f"killed mid-export (with {caught} on disk), the next run left {left}"
