@@ -48,6 +48,8 @@ SLOW_FACTOR = 0.5
 MIN_FACTOR = 1 / 32
 #: each successful call gives back this much of the rate (25 successes from half speed to full)
 RECOVERY_STEP = 0.02
+#: recovery slows down 50-fold from this fraction of the last refused rate
+PROBE_FROM = 0.9
 #: the meters are slowed at most once per this many seconds: a burst of 429s (or a server that
 #: refuses a share of calls at random) is one signal, not a collapse to the slowest rate
 THROTTLE_SPACING = 0.5
@@ -86,6 +88,8 @@ class RateMeter:
         self.factor = 1.0
         #: True when ``base_rate`` was learned from a 429 rather than configured
         self.learned = False
+        #: the rate the server last refused (calls in the second before its 429), if any
+        self.ceiling: float | None = None
         #: theoretical time of the next permit on the reserved timeline
         self._tat = -math.inf
         #: grant times inside the last WINDOW seconds (also used to measure the current rate)
@@ -138,29 +142,47 @@ class RateMeter:
         self._tat = base + interval
 
     def throttle(self) -> None:
-        """Run slower after a 429: halve the rate (learning one from traffic if unlimited)."""
+        """Run slower after a 429: half the rate the server refused (learning one if unlimited).
+
+        The rate that tripped the server is remembered as the meter's ``ceiling``: it is the
+        calls actually made in the last second when the meter was not the bottleneck.
+        """
+        observed = self.observed()
         if self.base_rate is None:
             # an unlimited meter takes the rate that tripped the server as its reference
-            self.base_rate = float(max(1, self.observed()))
+            self.base_rate = float(max(1, observed))
             self.factor = 1.0
             self.learned = True
-        self.factor = max(MIN_FACTOR, min(self.factor, 1.0) * SLOW_FACTOR)
+        current = self.base_rate * min(self.factor, 1.0)
+        self.ceiling = min(current, observed) if observed else current
+        self.factor = max(MIN_FACTOR, self.ceiling * SLOW_FACTOR / self.base_rate)
 
     def recover(self) -> None:
         """Give back a little rate after a successful call.
 
-        A configured rate comes back linearly up to the configured value. A learned one (the
-        user set no limit) keeps growing past its reference by 1 % per success, since the rate
-        that tripped the server may have been a lull; far past it the meter is unlimited again.
+        A configured rate comes back linearly up to the configured value: quickly up to
+        PROBE_FROM of the last ceiling, then 50 times more slowly, so that the meter lingers
+        just under the rate the server refused instead of running into it again. A learned one
+        (the user set no limit) comes back quickly and keeps growing past its reference by 1 %
+        per success, since the rate that tripped the server may have been a lull (or the 429s
+        unrelated to rate); far past it the meter is unlimited again.
         """
         if self.base_rate is None:
             return
         if self.factor < 1.0:
-            self.factor = min(1.0, self.factor + RECOVERY_STEP)
+            step = RECOVERY_STEP
+            if (
+                not self.learned
+                and self.ceiling is not None
+                and self.base_rate * self.factor >= PROBE_FROM * self.ceiling
+            ):
+                step /= 50
+            self.factor = min(1.0, self.factor + step)
         elif self.learned:
             self.factor *= 1.01
             if self.factor > LEARNED_RELEASE:
                 self.base_rate, self.factor, self.learned = None, 1.0, False
+                self.ceiling = None
 
 
 class InFlight:
