@@ -144,8 +144,9 @@ class RateMeter:
     def throttle(self) -> None:
         """Run slower after a 429: half the rate the server refused (learning one if unlimited).
 
-        The rate that tripped the server is remembered as the meter's ``ceiling``: it is the
-        calls actually made in the last second when the meter was not the bottleneck.
+        The rate that tripped the server is remembered as the meter's ``ceiling``: the calls
+        actually made in the last second when they were at least half the meter's rate, else the
+        meter's rate itself.
         """
         observed = self.observed()
         if self.base_rate is None:
@@ -154,7 +155,10 @@ class RateMeter:
             self.factor = 1.0
             self.learned = True
         current = self.base_rate * min(self.factor, 1.0)
-        self.ceiling = min(current, observed) if observed else current
+        # Calls made in the last second are the rate the server refused, when the meter was
+        # busy; far below the meter's rate (a lull, or 429s unrelated to rate) they say nothing.
+        busy = not self.learned and observed >= 0.5 * current
+        self.ceiling = min(current, observed) if busy else current
         self.factor = max(MIN_FACTOR, self.ceiling * SLOW_FACTOR / self.base_rate)
 
     def recover(self) -> None:

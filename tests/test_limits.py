@@ -312,3 +312,20 @@ def test_unlimited_submit_meter_is_not_throttled_by_poll_429s() -> None:
     limiter.slow_down()
     assert limiter.submits.rate is None
     assert limiter.requests.rate is not None
+
+
+def test_ceiling_is_the_refused_rate_only_when_the_meter_was_busy() -> None:
+    clock = FakeClock()
+    busy = RateMeter(25.0, clock=clock)
+    busy.factor = 0.5  # 12.5/s in force
+    for i in range(11):
+        busy.grant(i * 0.09)
+    clock.now = 0.95
+    busy.throttle()
+    assert busy.ceiling == 11 and busy.rate == pytest.approx(5.5)
+    # a 429 in a lull (2 calls in the last second) says nothing about the server's limit
+    lull = RateMeter(20.0, clock=clock)
+    lull.grant(0.5)
+    lull.grant(0.9)
+    lull.throttle()
+    assert lull.ceiling == 20 and lull.rate == pytest.approx(10.0)
