@@ -601,13 +601,13 @@ def audit(
     sidecars = {_sidecar(path) for path in recorded_paths}
     unfinished = _paths_of_unfinished(by_job, jobs, root)
     images_on_disk = 0
-    for entry in walk_files(output_root):
-        rel = entry.relative_to(output_root)
-        resolved = entry.resolve()
-        if entry.is_symlink():
+    for file in walk_files(output_root):
+        rel = file.relative_to(output_root)
+        resolved = file.resolve()
+        if file.is_symlink():
             violations.append(f"symlink in the output folder: {rel}")
-        elif entry.name.endswith(TEMP_SUFFIXES) or (
-            entry.name.startswith(".") and "tmp" in entry.name
+        elif file.name.endswith(TEMP_SUFFIXES) or (
+            file.name.startswith(".") and "tmp" in file.name
         ):
             violations.append(f"temporary file left behind: {rel}")
         elif str(rel) in ROOT_FILES or resolved in sidecars:
@@ -627,10 +627,10 @@ def audit(
     for entry in duplicate_submits(metrics):
         n = int(entry["count"])
         duplicates += n - 1
-        job = by_key.get(entry["body_sha256"]) or next(
+        owner = by_key.get(entry["body_sha256"]) or next(
             (by_request[r] for r in entry["request_ids"] if r in by_request), None
         )
-        if job is None:
+        if owner is None:
             unexplained += n - 1
             violations.append(
                 f"body {entry['body_sha256'][:12]} was submitted {n} times; no "
@@ -639,12 +639,12 @@ def audit(
             continue
         # retried on purpose: by the user (`retry --unknown`), or by batchgen under
         # `on_ambiguous_submit: retry`, which must count each such resubmit on the job
-        allowed = 1 + retried.get(job.id, 0) + job.possible_duplicates
+        allowed = 1 + retried.get(owner.id, 0) + owner.possible_duplicates
         if n > allowed:
             unexplained += n - allowed
             violations.append(
-                f"job {job.id} was submitted {n} times; at most {allowed} allowed "
-                f"({retried.get(job.id, 0)} retries by the user, {job.possible_duplicates} "
+                f"job {owner.id} was submitted {n} times; at most {allowed} allowed "
+                f"({retried.get(owner.id, 0)} retries by the user, {owner.possible_duplicates} "
                 "counted possible duplicates)"
             )
     submits = total_submits(metrics)
