@@ -12,6 +12,7 @@ run), 2 bad manifest or usage, 3 fatal provider error (auth, funds), 130 interru
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import sys
@@ -32,7 +33,7 @@ from ..providers.base import Provider
 from ..registry import ModelRegistry
 from ..runner import STOP_DONE, Runner, RunSummary
 from ..store import JobState, Store
-from . import EXIT_USAGE, cli
+from . import EXIT_INTERRUPTED, EXIT_USAGE, cli
 from .common import echo_json, load, manifest_argument, state_option
 
 #: a run is "large" (asks for confirmation unless --yes) past this estimated cost ...
@@ -306,6 +307,26 @@ def run_command(
         batchgen run manifests/demo.yaml
         RUNCOMFY_API_TOKEN=... batchgen run manifests/sweep.yaml --max-jobs 10
     """
+    try:
+        summary, manifest = _plan_and_run(
+            manifest_path, state_path, max_jobs, yes, quiet, cancel_queued
+        )
+    except KeyboardInterrupt:  # Ctrl-C while planning or at the confirmation prompt
+        click.echo("\ninterrupted before anything was submitted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    for line in _summary_lines(summary, manifest):
+        click.echo(line)
+    sys.exit(summary.exit_code)
+
+
+def _plan_and_run(
+    manifest_path: Path,
+    state_path: Path | None,
+    max_jobs: int | None,
+    yes: bool,
+    quiet: bool,
+    cancel_queued: bool,
+) -> tuple[RunSummary, Manifest]:
     manifest = load(manifest_path, state_path)
     registry = ModelRegistry.default()
     for warning in plan_validate(manifest, registry):
@@ -316,10 +337,14 @@ def run_command(
         with store.lock():
             report = store.sync(iter_jobs(manifest, registry))
             counts = store.counts()
-            pending = store.jobs([JobState.PENDING])
-            to_run = len(pending) if max_jobs is None else min(len(pending), max_jobs)
-            run_cost = sum(job.estimated_cost or 0.0 for job in pending[:to_run])
-            unpriced = sum(1 for job in pending[:to_run] if job.estimated_cost is None)
+            to_run = counts["pending"] if max_jobs is None else min(counts["pending"], max_jobs)
+            # streamed: a million-job plan must not be loaded to price it
+            run_cost, unpriced = 0.0, 0
+            for job in itertools.islice(store.iter_jobs([JobState.PENDING]), to_run):
+                if job.estimated_cost is None:
+                    unpriced += 1
+                else:
+                    run_cost += job.estimated_cost
             cost_text = f"${run_cost:,.2f}" + (f" + {unpriced:,} unpriced" if unpriced else "")
             click.echo(
                 f"{manifest.name}: {report.total:,} jobs ({report.added:,} new, "
@@ -346,9 +371,7 @@ def run_command(
             )
     finally:
         store.close()
-    for line in _summary_lines(summary, manifest):
-        click.echo(line)
-    sys.exit(summary.exit_code)
+    return summary, manifest
 
 
 # -- status ------------------------------------------------------------------------------------
