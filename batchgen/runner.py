@@ -995,6 +995,8 @@ class Runner:
                         refreshed = True
                         if fresh and index < len(fresh) and fresh[index] != uri:
                             self._error(exc, job.id, "retry")
+                            # recorded, so a crash now resumes with URLs that still work
+                            self.store.update_output_uris(job.id, fresh)
                             uris = fresh
                             uri = fresh[index]
                             continue

@@ -1036,6 +1036,31 @@ class Store:
                 now=now,
             )
 
+    def update_output_uris(self, job_id: str, uris: list[str]) -> None:
+        """Replace a downloading job's output URIs with fresh ones (the old ones expired).
+
+        Not a change of state, but logged as an event so the history shows why the URIs moved.
+        """
+        self._writable()
+        now = _now()
+        with self._transaction() as conn:
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no job {job_id!r} in the state database")
+            if row[0] != DL.value:
+                raise TransitionError(
+                    f"job {job_id} is {row[0]}: output URIs are refreshed while downloading"
+                )
+            conn.execute(
+                "UPDATE jobs SET output_uris = ?, updated_at = ? WHERE id = ?",
+                (_ENCODE(list(uris)), now, job_id),
+            )
+            conn.execute(
+                "INSERT INTO events (job_id, run_id, at, from_state, to_state, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, self.run_id, now, DL.value, DL.value, "output URIs refreshed"),
+            )
+
     def record_output(self, output: Output) -> None:
         """Record (or replace) one stored output file of a downloading job."""
         self._writable()

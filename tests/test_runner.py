@@ -388,6 +388,9 @@ async def test_expired_urls_are_refreshed_once(
     assert summary.counts["done"] == 6
     assert summary.errors.get("url_expired") == 6
     assert_outputs_intact(store, manifest, sim)
+    # the fresh URLs replaced the expired ones in the state, so a resume would use them
+    for job in store.jobs([JobState.DONE]):
+        assert [o.uri for o in store.outputs(job.id)] == job.output_uris
 
 
 async def test_urls_that_stay_expired_fail_the_job(

@@ -222,6 +222,24 @@ def test_full_life_of_a_job(store: Store) -> None:
         assert datetime.fromisoformat(stamp).utcoffset() is not None
 
 
+def test_refreshed_output_uris_replace_the_expired_ones(store: Store) -> None:
+    store.sync([spec(1)])
+    store.mark_submitting("job00001")
+    store.mark_queued("job00001", "req-1")
+    with pytest.raises(TransitionError, match="refreshed while downloading"):
+        store.update_output_uris("job00001", ["https://cdn/new.png"])
+    store.mark_downloading("job00001", ["https://cdn/old.png"])
+    store.update_output_uris("job00001", ["https://cdn/new.png"])
+    job = store.get("job00001")
+    assert job.output_uris == ["https://cdn/new.png"] and job.state == DL
+    last = store.events("job00001")[-1]
+    assert (last["from_state"], last["to_state"], last["detail"]) == (
+        "downloading",
+        "downloading",
+        "output URIs refreshed",
+    )
+
+
 def test_submitting_clears_what_an_earlier_attempt_left(store: Store) -> None:
     store.sync([spec(1)])
     store.mark_submitting("job00001")
