@@ -82,7 +82,7 @@ class CrashConfig:
     #: of the kills, how many strike this many seconds after the process starts instead: a
     #: restart's recovery, resume and plan sync (they come second, fourth, ... in the schedule)
     startup_kills: int = 1
-    startup_window: tuple[float, float] = (0.4, 1.6)
+    startup_window: tuple[float, float] = (1.0, 2.2)  # imports alone take ~0.9 s here
     #: how many ``retry --unknown`` + run rounds to make at most
     retry_rounds: int = 3
     #: one ``batchgen run`` may take this long before the harness calls it hung
