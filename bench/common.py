@@ -157,7 +157,11 @@ class Sample:
 
 @dataclass
 class ChildRun:
-    """What a measured child did: exit code, wall time, its own CPU and peak RSS, its output."""
+    """What a measured child did: exit code, wall time, its own CPU and peak RSS, its output.
+
+    ``voluntary_switches`` counts the times it blocked (fsync, a lock, a thread hand-off):
+    unlike wall time, it hardly moves with the machine's load, so it shows blocking reliably.
+    """
 
     returncode: int
     seconds: float
@@ -166,6 +170,9 @@ class ChildRun:
     stdout: str
     stderr: str
     samples: list[Sample]
+    user_seconds: float = 0.0
+    system_seconds: float = 0.0
+    voluntary_switches: int = 0
 
 
 def run_child(
@@ -230,6 +237,9 @@ def run_child(
             stdout=out.read(),
             stderr=err.read(),
             samples=samples,
+            user_seconds=round(usage.ru_utime, 3),
+            system_seconds=round(usage.ru_stime, 3),
+            voluntary_switches=usage.ru_nvcsw,
         )
 
 

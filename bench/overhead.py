@@ -12,7 +12,9 @@ seconds are each child's own (``ru_utime + ru_stime`` of that child, not of this
 
 Figures per side: wall seconds of the child and jobs/s over it, the "run phase" (baseline: its
 own loop timer; batchgen: first ``submitted_at`` to last ``done_at`` in its state database), CPU
-ms per job, and API calls per job as the simulator counted them. The full run alternates the
+ms per job (``system_ms_per_job``: the kernel's share), ``blocks_per_job`` (voluntary context
+switches: fsyncs, thread hand-offs; robust to machine load where wall time is not), and API
+calls per job as the simulator counted them. The full run alternates the
 sides (A B B A) and keeps each side's best, which cancels drift on a shared machine; the small
 run does A B once.
 
@@ -66,6 +68,8 @@ def _baseline(sim: Any, folder: Path, jobs: int, concurrency: int) -> dict[str, 
         "wall_seconds": child.seconds,
         "run_seconds": loop["seconds"],
         "cpu_seconds": child.cpu_seconds,
+        "system_seconds": child.system_seconds,
+        "voluntary_switches": child.voluntary_switches,
         "max_rss_mib": common.mib(child.max_rss_bytes),
     }
 
@@ -102,6 +106,8 @@ def _batchgen(
         "wall_seconds": child.seconds,
         "run_seconds": phase["seconds"],
         "cpu_seconds": child.cpu_seconds,
+        "system_seconds": child.system_seconds,
+        "voluntary_switches": child.voluntary_switches,
         "max_rss_mib": common.mib(child.max_rss_bytes),
     }
 
@@ -113,6 +119,8 @@ def _finish(side: dict[str, Any], calls: dict[str, int]) -> dict[str, Any]:
     run = side["run_seconds"]
     side["run_jobs_per_s"] = round(jobs / run, 2) if run else None
     side["cpu_ms_per_job"] = round(1000 * side["cpu_seconds"] / jobs, 3) if jobs else None
+    side["system_ms_per_job"] = round(1000 * side["system_seconds"] / jobs, 3) if jobs else None
+    side["blocks_per_job"] = round(side["voluntary_switches"] / jobs, 1) if jobs else None
     side["calls"] = calls
     side["calls_per_job"] = round(sum(calls.values()) / jobs, 3) if jobs else None
     return side
@@ -148,7 +156,8 @@ def measure(
                 f"  {side:9s} {figures['jobs']:>6d} jobs  {figures['wall_seconds']:7.2f} s  "
                 f"{figures['jobs_per_s']:8.1f} jobs/s  "
                 f"run phase {figures['run_jobs_per_s']} jobs/s  "
-                f"{figures['cpu_ms_per_job']} CPU ms/job  {figures['calls_per_job']} calls/job",
+                f"{figures['cpu_ms_per_job']} CPU ms/job  {figures['blocks_per_job']} blocks/job  "
+                f"{figures['calls_per_job']} calls/job",
                 flush=True,
             )
             if side not in best or figures["jobs_per_s"] > best[side]["jobs_per_s"]:
