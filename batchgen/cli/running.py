@@ -12,7 +12,6 @@ run), 2 bad manifest or usage, 3 fatal provider error (auth, funds), 130 interru
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
 import sys
@@ -26,7 +25,6 @@ from tqdm import tqdm
 from ..limits import RateLimiter
 from ..manifest import Manifest
 from ..plan import iter_jobs
-from ..plan import summary as plan_summary
 from ..plan import validate as plan_validate
 from ..providers import get_provider
 from ..providers.base import Provider
@@ -331,25 +329,22 @@ def _plan_and_run(
     registry = ModelRegistry.default()
     for warning in plan_validate(manifest, registry):
         click.echo(f"warning: {warning}", err=True)
-    plan = plan_summary(manifest, registry)
     store = Store(manifest.state)
     try:
         with store.lock():
             report = store.sync(iter_jobs(manifest, registry))
             counts = store.counts()
             to_run = counts["pending"] if max_jobs is None else min(counts["pending"], max_jobs)
-            # streamed: a million-job plan must not be loaded to price it
-            run_cost, unpriced = 0.0, 0
-            for job in itertools.islice(store.iter_jobs([JobState.PENDING]), to_run):
-                if job.estimated_cost is None:
-                    unpriced += 1
-                else:
-                    run_cost += job.estimated_cost
+            # priced from the state with one indexed query each: a million-job plan is never
+            # loaded (or expanded a second time) just to print its cost (TARGETS S2)
+            _, run_cost, unpriced = store.pending_cost(to_run)
             cost_text = f"${run_cost:,.2f}" + (f" + {unpriced:,} unpriced" if unpriced else "")
+            planned = store.cost()[1]
+            planned_text = _money(planned if planned or not store.unpriced() else None)
             click.echo(
                 f"{manifest.name}: {report.total:,} jobs ({report.added:,} new, "
                 f"{counts.get('done', 0):,} done), {to_run:,} to submit, estimated cost "
-                f"{cost_text} of {_money(plan.get('estimated_cost'))} planned, "
+                f"{cost_text} of {planned_text} planned, "
                 f"provider {manifest.provider} → {manifest.output}"
             )
             large = run_cost > CONFIRM_USD or to_run > CONFIRM_JOBS
