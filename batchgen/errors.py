@@ -11,12 +11,16 @@
     ├── ProviderError            anything the remote API said or failed to say
     │   ├── TransientError       retry later: 429, 5xx on reads, connection not made
     │   │   └── RateLimitedError 429 (carries ``retry_after`` when the server sent one)
-    │   ├── AmbiguousSubmitError a submit may or may not have been accepted: park, never resubmit blindly
+    │   ├── AmbiguousSubmitError a submit may or may not have been accepted: park it,
+    │   │                        never resubmit it blindly
     │   ├── JobRejectedError     this job cannot succeed: 400/422 on the body, a ``failed`` result,
     │   │                        an unknown or expired request id
-    │   └── FatalProviderError   stop the whole run: bad token, no funds, account disabled; exit code 3
-    └── DownloadError            an output could not be fetched or stored
-        └── ExpiredURLError      the output URI is gone (403/404/410): fetch the result again
+    │   └── FatalProviderError   stop the whole run: bad token, no funds, account disabled;
+    │                            exit code 3
+    ├── DownloadError            an output could not be fetched or stored
+    │   └── ExpiredURLError      the output URI is gone (403/404/410): fetch the result again
+    ├── ExportError              (export.py) the dataset files cannot be written; exit code 2
+    └── GridError                (grid.py) a contact sheet cannot be drawn as asked; exit code 2
 
 The classification is made once, where the error is born (providers/, download), so that the
 runner only decides by type: retry, fail the job, park it, or stop.
@@ -66,9 +70,7 @@ class ManifestError(BatchgenError):
         super().__init__("\n".join(str(i) for i in self.issues))
 
     @classmethod
-    def at(
-        cls, file: str | Path, line: int | None, key: str, message: str
-    ) -> ManifestError:
+    def at(cls, file: str | Path, line: int | None, key: str, message: str) -> ManifestError:
         """Shorthand for a single located issue."""
         return cls(ManifestIssue(str(file), line, key, message))
 
@@ -161,7 +163,9 @@ class DownloadError(BatchgenError):
 
     error_class = "download_failed"
 
-    def __init__(self, message: str, *, uri: str | None = None, error_class: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, uri: str | None = None, error_class: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.uri = uri

@@ -9,7 +9,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
 
 
 def parse_duration(value: str | int | float) -> float:
-    """Seconds in ``value``: a number (seconds) or a string like ``2``, ``2s``, ``500ms``, ``30m``, ``1.5h``.
+    """Seconds in ``value``: a number, or a string like ``2``, ``2s``, ``500ms``, ``30m``, ``1.5h``.
 
     Raises ``ValueError`` with a message fit to show a user.
     """
@@ -32,7 +32,9 @@ def parse_duration_range(value: str | int | float) -> tuple[float, float]:
         seconds = parse_duration(value)
         return seconds, seconds
     text = str(value).strip()
-    match = re.match(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*-\s*(\d+(?:\.\d+)?\s*(?:ms|s|m|h|d)?)$", text)
+    match = re.match(
+        r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*-\s*(\d+(?:\.\d+)?\s*(?:ms|s|m|h|d)?)$", text
+    )
     if match:
         low_number, low_unit, high_text = match.groups()
         high = parse_duration(high_text)
