@@ -20,6 +20,10 @@ Invariants:
   writes ``<dest>.part`` in the destination folder, fsyncs it and renames it into place only
   after the bytes proved to be a complete image. On any failure the ``.part`` file is removed.
   Memory use does not depend on the file size (fixed-size chunks, incremental hash).
+- :func:`fetch` never blocks the event loop on the disk and starts no thread per file: a body
+  that fits in one batch (1 MiB: every ordinary image) is held in memory, then written, fsynced,
+  checked, renamed, given its sidecar and its folder fsynced in one step on the loop's thread
+  pool; only a longer body gets a writer thread of its own while it streams.
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ import unicodedata
 import warnings
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Final, Protocol
+from typing import Any, BinaryIO, Final, Protocol, TypeVar
 
 import httpx
 from PIL import Image, UnidentifiedImageError
@@ -216,6 +220,12 @@ def write_sidecar(path: Path, data: Mapping[str, Any]) -> None:
     """Write ``data`` as JSON at ``path`` atomically (temp file beside it, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, data)
+    _fsync_dir(path.parent)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Temp file beside ``path``, fsync, rename; the caller fsyncs the folder (once per batch)."""
     text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -228,7 +238,6 @@ def write_sidecar(path: Path, data: Mapping[str, Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
 
 
 def sidecar_record(
@@ -364,6 +373,7 @@ async def fetch(
     timeout: float = DEFAULT_TIMEOUT,
     max_redirects: int = DEFAULT_MAX_REDIRECTS,
     require_image: bool = True,
+    sidecar: Callable[[Fetched], Mapping[str, Any]] | None = None,
 ) -> Fetched:
     """Download ``uri`` to ``dest`` (via ``<dest>.part``) and return what was stored.
 
@@ -372,15 +382,18 @@ async def fetch(
     (``error_class``: ``bad_url``, ``too_large``, ``timeout``, ``redirect_loop``, ``truncated``,
     ``not_an_image``, ``bad_encoding``, ``connection``, ``http_<code>``) or ExpiredURLError
     (403/404/410).
+
+    ``sidecar``: when given, ``sidecar(fetched)`` is written as the image's JSON sidecar
+    (:func:`sidecar_path`, atomically) right after the image is renamed into place, and one
+    folder fsync makes both renames durable. It is called on a worker thread: it must only read.
     """
     check_uri(uri)
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
         try:
             async with asyncio.timeout(timeout):
-                size, digest, content_type = await _stream_to(
+                body = await _stream_to(
                     client,
                     uri,
                     part,
@@ -394,28 +407,88 @@ async def fetch(
                 uri=uri[:200],
                 error_class="timeout",
             ) from exc
-        width: int | None = None
-        height: int | None = None
-        if require_image:
-            fmt, width, height = await asyncio.to_thread(_inspect_image, part, uri)
-            ext = _EXTENSIONS.get(fmt, fmt.lower())
-        else:
-            ext = _clean_ext(dest.suffix) if dest.suffix else "bin"
-        final = dest
-        current = dest.suffix.lstrip(".").lower()
-        if current != ext:
-            final = (
-                dest.with_suffix(f".{ext}")
-                if current in _GUESSABLE
-                else dest.with_name(f"{dest.name}.{ext}")
-            )
-        os.replace(part, final)
-        _fsync_dir(final.parent)
+        # Everything left touches the disk (write a small body, fsync, inspect, rename, sidecar,
+        # folder fsync): one step on a pooled worker thread, so the event loop never waits on
+        # the disk and no thread is started per file.
+        return await _off_loop(_store, body, part, dest, uri, require_image, sidecar)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             part.unlink()
         raise
-    return Fetched(final, size, digest, width, height, content_type, ext)
+
+
+@dataclass(slots=True)
+class _Body:
+    """A complete response body: held in memory (small), or already in ``<dest>.part``."""
+
+    size: int
+    content_type: str | None
+    #: the chunks of a body that fit in one batch (not written yet); None once written
+    held: list[bytes] | None
+    #: sha256 hex of a body the writer thread already wrote and synced
+    sha256: str | None = None
+
+
+_T = TypeVar("_T")
+
+
+async def _off_loop(function: Callable[..., _T], *args: Any) -> _T:
+    """``function(*args)`` on the loop's default thread pool.
+
+    If the awaiting task is cancelled, the thread still finishes before the cancellation goes
+    on: ``function`` writes files, and the caller's cleanup must come after it, not race it.
+    """
+    future = asyncio.get_running_loop().run_in_executor(None, function, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
+
+
+def _store(
+    body: _Body,
+    part: Path,
+    dest: Path,
+    uri: str,
+    require_image: bool,
+    sidecar: Callable[[Fetched], Mapping[str, Any]] | None,
+) -> Fetched:
+    """(Worker thread) make ``part`` a durable, checked image at its final path; its sidecar."""
+    if body.held is not None:
+        part.parent.mkdir(parents=True, exist_ok=True)
+        hasher = hashlib.sha256()
+        with open(part, "wb") as handle:
+            for chunk in body.held:
+                hasher.update(chunk)
+                handle.write(chunk)
+            _flush_and_sync(handle)
+        digest = hasher.hexdigest()
+    else:
+        assert body.sha256 is not None, "a written body carries its digest"
+        digest = body.sha256
+    width: int | None = None
+    height: int | None = None
+    if require_image:
+        fmt, width, height = _inspect_image(part, uri)
+        ext = _EXTENSIONS.get(fmt, fmt.lower())
+    else:
+        ext = _clean_ext(dest.suffix) if dest.suffix else "bin"
+    final = dest
+    current = dest.suffix.lstrip(".").lower()
+    if current != ext:
+        final = (
+            dest.with_suffix(f".{ext}")
+            if current in _GUESSABLE
+            else dest.with_name(f"{dest.name}.{ext}")
+        )
+    os.replace(part, final)
+    fetched = Fetched(final, body.size, digest, width, height, body.content_type, ext)
+    if sidecar is not None:
+        _write_json(sidecar_path(final), sidecar(fetched))
+    _fsync_dir(final.parent)
+    return fetched
 
 
 async def _stream_to(
@@ -426,8 +499,8 @@ async def _stream_to(
     max_bytes: int,
     max_redirects: int,
     require_image: bool,
-) -> tuple[int, str, str | None]:
-    """Follow redirects by hand, then stream the body into ``part``: (size, sha256, type)."""
+) -> _Body:
+    """Follow redirects by hand, then read the body (into ``part`` when it is big)."""
     request = client.build_request("GET", uri)
     seen = [str(request.url)]
     for hop in range(max_redirects + 1):
@@ -473,7 +546,7 @@ async def _stream_to(
 
 async def _save_body(
     response: httpx.Response, uri: str, part: Path, max_bytes: int, require_image: bool
-) -> tuple[int, str, str | None]:
+) -> _Body:
     if not 200 <= response.status_code < 300:
         raise _status_error(response, uri)
     content_type = response.headers.get("Content-Type")
@@ -500,7 +573,10 @@ async def _save_body(
     wire = 0  # bytes as received: what Content-Length counts
     batch: list[bytes] = []
     batch_bytes = 0
-    with open(part, "wb") as handle, _Sink(handle) as sink:
+    # A body that fits in one batch (every ordinary image) stays in memory and is written by
+    # fetch's single worker step; only a bigger one gets a writer thread while it streams.
+    sink: _Sink | None = None
+    try:
         try:
             async for raw in body:
                 wire += len(raw)
@@ -511,6 +587,8 @@ async def _save_body(
                     batch.append(chunk)
                     batch_bytes += len(chunk)
                 if batch_bytes >= _BATCH:
+                    if sink is None:
+                        sink = _Sink(part)
                     await sink.put(batch)
                     batch, batch_bytes = [], 0
         except httpx.HTTPError as exc:
@@ -528,10 +606,14 @@ async def _save_body(
                 uri=uri[:200],
                 error_class="truncated",
             )
+        if sink is None:
+            return _Body(size, content_type, held=batch)
         if batch:
             await sink.put(batch)
-        digest = await sink.finish()
-    return size, digest, content_type
+        return _Body(size, content_type, held=None, sha256=await sink.finish())
+    finally:
+        if sink is not None:
+            sink.close()
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
@@ -598,28 +680,40 @@ def _decoder(encoding: str | None, uri: str) -> _Identity | _Inflate:
     )
 
 
-#: bytes handed to the writer thread at once, and how many hand-offs may wait (memory bound)
+#: bytes handed to the writer thread at once, and how many hand-offs may wait (memory bound);
+#: a body no longer than one batch never gets a writer thread
 _BATCH: Final = 1024 * 1024
 _MAX_PENDING: Final = 2
 
 
 class _Sink:
-    """Hashes and writes chunks on one worker thread, in order, while the loop keeps reading.
+    """Hashes and writes a big body on one worker thread, in order, while the loop keeps reading.
 
-    sha256 and file writes release the GIL, so this overlaps them with HTTP parsing; at most
-    ``_MAX_PENDING`` batches wait, so memory stays bounded whatever the file size.
+    Started only for bodies longer than one batch. sha256 and file writes release the GIL, so
+    this overlaps them with HTTP parsing; at most ``_MAX_PENDING`` batches wait, so memory stays
+    bounded whatever the file size. The file is created on the worker thread at the first batch.
     """
 
-    def __init__(self, handle: BinaryIO) -> None:
-        self._handle = handle
+    def __init__(self, part: Path) -> None:
+        self._part = part
+        self._handle: BinaryIO | None = None
         self._digest = hashlib.sha256()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchgen-fetch")
         self._pending: deque[asyncio.Future[None]] = deque()
 
     def _write(self, chunks: list[bytes]) -> None:
+        if self._handle is None:
+            self._part.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self._part, "wb")  # noqa: SIM115 - closed by _seal or close
         for chunk in chunks:
             self._digest.update(chunk)
             self._handle.write(chunk)
+
+    def _seal(self) -> None:
+        if self._handle is not None:
+            _flush_and_sync(self._handle)
+            self._handle.close()
+            self._handle = None
 
     async def put(self, chunks: list[bytes]) -> None:
         """Queue ``chunks`` for hashing and writing; wait while too many are queued."""
@@ -628,19 +722,19 @@ class _Sink:
             await self._pending.popleft()
 
     async def finish(self) -> str:
-        """Wait for every write, flush and fsync the file; return the sha256 hex digest."""
+        """Wait for every write, fsync and close the file; return the sha256 hex digest."""
         while self._pending:
             await self._pending.popleft()
-        await asyncio.wrap_future(self._executor.submit(_flush_and_sync, self._handle))
+        await asyncio.wrap_future(self._executor.submit(self._seal))
         return self._digest.hexdigest()
 
-    def __enter__(self) -> _Sink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        # on failure, queued writes are dropped and the running one finishes before the file
-        # is closed and removed
+    def close(self) -> None:
+        """Stop the thread; on failure, queued writes are dropped and the running one finishes
+        before the file is closed (and then removed by fetch)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
 def _flush_and_sync(handle: BinaryIO) -> None:

@@ -1044,30 +1044,35 @@ class Runner:
         """Download one output into the tree, write its sidecar, return its row (not yet stored)."""
         guess = download.ext_from_uri(uri, str(job.params.get("output_format") or "png"))
         dest = download.resolve_inside(self.output_root, download.output_path(job, index, guess))
+        root = self.output_root.resolve()
+
+        def sidecar(fetched: download.Fetched) -> dict[str, Any]:
+            # called by fetch on its worker thread, between the rename and the folder fsync
+            timings = {
+                "submitted_at": job.submitted_at,
+                "remote_created_at": result.created_at if result else None,
+                "remote_finished_at": result.finished_at if result else None,
+                "downloaded_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            }
+            return download.sidecar_record(
+                job,
+                index=index,
+                uri=uri,
+                fetched=fetched,
+                path=fetched.path.relative_to(root).as_posix(),
+                request_id=request_id,
+                timings=timings,
+            )
+
         fetched = await download.fetch(
             self._client(),
             uri,
             dest,
             max_bytes=self.download_max_bytes,
             timeout=self.download_timeout,
+            sidecar=sidecar,
         )
-        relative = fetched.path.relative_to(self.output_root.resolve()).as_posix()
-        timings = {
-            "submitted_at": job.submitted_at,
-            "remote_created_at": result.created_at if result else None,
-            "remote_finished_at": result.finished_at if result else None,
-            "downloaded_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        }
-        record = download.sidecar_record(
-            job,
-            index=index,
-            uri=uri,
-            fetched=fetched,
-            path=relative,
-            request_id=request_id,
-            timings=timings,
-        )
-        download.write_sidecar(download.sidecar_path(fetched.path), record)
+        relative = fetched.path.relative_to(root).as_posix()
         return Output(
             job_id=job.id,
             index=index,

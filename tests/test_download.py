@@ -612,7 +612,9 @@ async def test_non_image_outputs_when_asked(tmp_path: Path) -> None:
     assert fetched.width is None and fetched.ext == "mp4" and fetched.bytes == len(video)
 
 
-async def test_cancellation_removes_the_part_file(tmp_path: Path) -> None:
+async def test_cancellation_of_a_small_body_leaves_nothing(tmp_path: Path) -> None:
+    """A body that fits in one batch is held in memory: nothing touches the disk until it is
+    complete, so a cancel mid-stream leaves no file at all."""
     started = asyncio.Event()
 
     async def slow() -> AsyncIterator[bytes]:
@@ -625,6 +627,36 @@ async def test_cancellation_removes_the_part_file(tmp_path: Path) -> None:
         task = asyncio.create_task(fetch(client, "https://cdn.test/x", tmp_path / "x.png"))
         await started.wait()
         await asyncio.sleep(0.05)
+        assert leftovers(tmp_path) == []
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert leftovers(tmp_path) == []
+
+
+async def test_cancellation_of_a_big_body_removes_the_part_file(tmp_path: Path) -> None:
+    """A body longer than one batch streams into ``.part`` on a writer thread; a cancel
+    mid-stream waits for the write under way, then removes the file."""
+    import batchgen.download as download
+
+    started = asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        sent = 0
+        async for chunk in big_png(8_000_000, hashlib.sha256()):
+            yield chunk
+            sent += len(chunk)
+            if sent > 3 * download._BATCH and not started.is_set():
+                started.set()
+                await asyncio.sleep(30)
+
+    async with mock_client(lambda r: httpx.Response(200, content=slow())) as client:
+        task = asyncio.create_task(fetch(client, "https://cdn.test/x", tmp_path / "x.png"))
+        await started.wait()
+        for _ in range(100):  # the writer thread creates the file at its first batch
+            if leftovers(tmp_path):
+                break
+            await asyncio.sleep(0.01)
         assert leftovers(tmp_path) == ["x.png.part"]
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
