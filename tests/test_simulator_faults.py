@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -104,6 +105,32 @@ def test_drop_connection_looks_like_a_real_drop(
     assert metrics["faults"] == {"drop_connection": 1}
     assert metrics["jobs"]["created"] == 0
     assert metrics["in_flight"]["now"] == 0
+
+
+def test_a_client_that_dies_mid_body_creates_no_job(
+    start: Callable[..., Simulator], caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    sim = start()
+    url = urlsplit(sim.base_url)
+    head = (
+        f"POST /v1/models/{NANO} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Authorization: Bearer {sim.token}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 400\r\n\r\n"
+    )
+    with socket.create_connection((url.hostname, url.port)) as raw:
+        raw.sendall(head.encode() + b'{"prompt": "cut sh')  # then the client dies
+    deadline = time.monotonic() + 5
+    while sim.metrics()["calls"]["by_endpoint"].get("submit") != {"dropped": 1}:
+        assert time.monotonic() < deadline, sim.metrics()["calls"]
+        time.sleep(0.02)
+    metrics = sim.metrics()
+    assert metrics["jobs"]["created"] == 0
+    assert metrics["in_flight"]["now"] == 0
+    # a disconnect is an expected event, not a crash of the app
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_lost_submit_creates_the_job_and_drops_the_answer(start: Callable[..., Simulator]) -> None:

@@ -38,7 +38,7 @@ from jsonschema.validators import validator_for
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -267,7 +267,13 @@ class SimulatorState:
         spec = self.registry.get(model_id) if _MODEL_ID.match(model_id) else None
         if spec is None:
             return api_error(400001, f"InvalidResourceIdentifier: unknown model_id {model_id!r}")
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            # the client went away in the middle of its body (killed, say): no job is created,
+            # and there is nobody left to answer; counted as a dropped call
+            request.scope[_DROPPED] = True
+            return Response(status_code=499)
         try:
             params = json.loads(raw)
         except ValueError as exc:
