@@ -27,6 +27,7 @@ BENCHMARKS = [
     "polling",
     "downloads",
     "soak",
+    "crash",
 ]
 
 RESULTS = Path(__file__).parent / "results"
