@@ -50,9 +50,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
+import re
 import secrets
 import time
 from collections import Counter
@@ -693,6 +695,10 @@ def _stats(
 # --- atomic files --------------------------------------------------------------------------------
 
 
+#: the names ``_AtomicFiles._temp`` gives its temporaries: ``.<name>.<12 hex>.tmp``
+_TEMPORARY = re.compile(r"^\.[^/]+\.[0-9a-f]{12}\.tmp$")
+
+
 class _AtomicFiles:
     """Files written under temporary names in ``root``, renamed into place together on success."""
 
@@ -701,8 +707,19 @@ class _AtomicFiles:
         self._pending: list[tuple[Path, Path]] = []  # (temporary, final)
         self._scratch: list[Path] = []
         self._handles: list[IO[Any]] = []
+        self._lock_fd: int | None = None
 
     def __enter__(self) -> _AtomicFiles:
+        # One export at a time per output folder (the end of a run, `batchgen export`): the lock
+        # is a flock on the folder itself, so no lock file joins the dataset, and the OS drops it
+        # when a process dies. Holding it, any temporary of ours still here was left by an export
+        # that was killed, and is removed, so kills never pile up stray files.
+        self._lock_fd = os.open(self.root, os.O_RDONLY)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        for entry in os.scandir(self.root):
+            if entry.is_file(follow_symlinks=False) and _TEMPORARY.match(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
         return self
 
     def _temp(self, name: str) -> Path:
@@ -747,6 +764,9 @@ class _AtomicFiles:
             for tmp in [t for t, _ in self._pending] + self._scratch:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
 
 
 def iter_metadata(path: Path) -> Iterable[dict[str, Any]]:

@@ -149,11 +149,6 @@ def test_the_audit_catches_tampering(crashed: tuple[dict[str, Any], Path], tmp_p
     assert integrity_check(db) == "ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported defect: export._AtomicFiles temporaries (.rows/.metadata.jsonl/... .tmp) "
-    "left by a SIGKILL during the end-of-run export are never removed by a later run",
-)
 def test_a_kill_during_the_export_leaves_no_temporary_file_after_the_next_run(
     crashed: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:

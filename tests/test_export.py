@@ -550,6 +550,48 @@ def test_files_get_ordinary_permissions(run: Run) -> None:
     assert not [p for p in run.root.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_temporaries_a_killed_export_left_are_removed_and_nothing_else(run: Run) -> None:
+    run.root.mkdir(parents=True, exist_ok=True)
+    stale = [run.root / ".metadata.jsonl.0123456789ab.tmp", run.root / ".rows.ba9876543210.tmp"]
+    for path in stale:
+        path.write_text("half an export")
+    mine = [run.root / ".notes.tmp", run.root / "draft.0123456789ab.tmp"]  # not our names
+    for path in mine:
+        path.write_text("the user's")
+    write_outputs(run.store, run.manifest)
+    assert not [p for p in stale if p.exists()]
+    assert all(p.read_text() == "the user's" for p in mine)
+
+
+def test_exports_of_one_folder_take_turns(run: Run) -> None:
+    import fcntl
+    import threading
+
+    run.root.mkdir(parents=True, exist_ok=True)
+    assert not (run.root / "metadata.jsonl").exists()
+    held = os.open(run.root, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another export is writing this folder
+
+    def export_in_another_thread() -> None:
+        store = Store(memory=True)  # sqlite connections are thread-bound: an empty state of its own
+        try:
+            write_outputs(store, run.manifest)
+        finally:
+            store.close()
+
+    waiting = threading.Thread(target=export_in_another_thread)
+    try:
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive(), "the export did not wait for the folder's lock"
+        assert not (run.root / "metadata.jsonl").exists()
+    finally:
+        os.close(held)  # the other export is done
+    waiting.join(10)
+    assert not waiting.is_alive()
+    assert (run.root / "metadata.jsonl").exists()
+
+
 def test_retired_jobs_are_not_listed(run: Run) -> None:
     gone = run.specs[7]
     run.store.sync([s for s in run.specs if s.id != gone.id])  # the job left the manifest
