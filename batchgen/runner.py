@@ -19,7 +19,9 @@ Invariants:
   meters allow it; nothing on the submit path sleeps for any other reason.
 - **Few polls, quick notice.** Only the result endpoint is polled (it answers while running, so
   one call is status and result). Each job's next poll is planned from the durations this run
-  has seen for its model (:class:`PollPlanner`); one scheduler task serves every job.
+  has seen for its model (:class:`PollPlanner`); one scheduler task serves every job. Until a
+  model has a duration, one scout job of it is polled from 0.1 s on, geometrically, so a fast
+  model is noticed at once without polling every job early.
 - **Errors are handled by type only** (:mod:`batchgen.errors`): transient → retry later, 429 →
   the whole run slows down, rejected → the job fails with the reason, ambiguous submit → park,
   fatal → the run stops (exit code 3).
@@ -83,6 +85,12 @@ class _Events(Protocol):
 #: PRIOR_RATIO times the time elapsed so far
 PRIOR_FIRST = 2.0
 PRIOR_RATIO = 2.0
+#: meanwhile one "scout" job per model (the first one submitted while its model has no history)
+#: is polled from SCOUT_FIRST seconds on, each poll SCOUT_RATIO times the elapsed time, up to
+#: PRIOR_FIRST (about 8 calls per model and run, not per job); its finish (observed, then every waiting poll re-planned)
+#: tells the others when to look, so a model faster than PRIOR_FIRST is not waited on
+SCOUT_FIRST = 0.1
+SCOUT_RATIO = 1.5
 #: with history, a job is polled at the quantiles 1/k, 2/k, … 1 of the durations seen: about
 #: (k + 1) / 2 calls per job, and a mean notice delay of spread / 2k
 GRID_STEPS = 3.5
@@ -142,12 +150,21 @@ class PollPlanner:
         points = {ordered[max(0, min(n - 1, math.ceil(level * n) - 1))] for level in levels}
         return sorted(p + MARGIN for p in points)
 
-    def next_poll(self, model: str, elapsed: float, polls: int, phase: float = 0.0) -> float:
-        """Elapsed time of the next poll of a job last polled at ``elapsed`` (``polls`` so far)."""
+    def next_poll(
+        self, model: str, elapsed: float, polls: int, phase: float = 0.0, *, scout: bool = False
+    ) -> float:
+        """Elapsed time of the next poll of a job last polled at ``elapsed`` (``polls`` so far).
+
+        ``scout``: this job scouts its model (see ``SCOUT_FIRST``); it only matters while the
+        model has no history.
+        """
         if self.fixed_interval is not None:
             return elapsed + self.fixed_interval
         ordered = self._sorted.get(model)
-        if not ordered:
+        if not ordered and scout and elapsed < PRIOR_FIRST:
+            # past PRIOR_FIRST the others sample time densely: the scout steps like them
+            target = SCOUT_FIRST if polls == 0 else elapsed * SCOUT_RATIO
+        elif not ordered:
             target = PRIOR_FIRST * PRIOR_RATIO**phase if polls == 0 else elapsed * PRIOR_RATIO
         else:
             shortest, longest = ordered[0], ordered[-1]
@@ -257,6 +274,8 @@ class _Active:
     polling: bool = False
     poll_errors: int = 0
     running: bool = False
+    #: polled early and often while its model has no history (PollPlanner's scout)
+    scout: bool = False
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -357,6 +376,8 @@ class Runner:
         self._rate_limited_submits: Counter[str] = Counter()
         self._phase = itertools.count()
         self._claimed: set[str] = set()
+        #: model → id of the job scouting it (polled early while the model has no history)
+        self._scouts: dict[str, str] = {}
         self._spent = 0.0
         self._errors: Counter[str] = Counter()
         self._counters: Counter[str] = Counter()
@@ -804,18 +825,25 @@ class Runner:
     def _track(self, job: Job, request_id: str, t0: float) -> _Active:
         phase = (next(self._phase) * 0.6180339887498949) % 1.0
         active = _Active(job, request_id, t0, t0 + self.job_timeout, phase)
+        if job.model not in self._scouts and not self.planner.samples(job.model):
+            active.scout = True
+            self._scouts[job.model] = job.id
         self._active[job.id] = active
         return active
 
     def _untrack(self, active: _Active) -> None:
         if self._active.pop(active.job.id, None) is not None:
             self.limiter.in_flight.release()
+        if active.scout and self._scouts.get(active.job.model) == active.job.id:
+            # finished without a duration (failed, timed out)? the next job takes over
+            del self._scouts[active.job.model]
         self._check_idle()
 
     def _schedule(self, active: _Active, at: float | None = None) -> None:
         if at is None:
+            job = active.job
             elapsed = self.planner.next_poll(
-                active.job.model, active.last_elapsed, active.polls, active.phase
+                job.model, active.last_elapsed, active.polls, active.phase, scout=active.scout
             )
             at = active.t0 + elapsed
         at = min(at, active.deadline)
@@ -829,7 +857,9 @@ class Runner:
         for active in self._active.values():
             if active.job.model != model or active.polling:
                 continue
-            elapsed = self.planner.next_poll(model, active.last_elapsed, active.polls, active.phase)
+            elapsed = self.planner.next_poll(
+                model, active.last_elapsed, active.polls, active.phase, scout=active.scout
+            )
             at = max(now, min(active.t0 + elapsed, active.deadline))
             if abs(at - active.next_at) > 1e-3:
                 self._schedule(active, at)

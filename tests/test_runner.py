@@ -28,6 +28,8 @@ from batchgen.runner import (
     MARGIN,
     MIN_HISTORY,
     PRIOR_FIRST,
+    SCOUT_FIRST,
+    SCOUT_RATIO,
     STOP_BUDGET,
     STOP_DONE,
     STOP_FATAL,
@@ -529,6 +531,36 @@ def test_planner_without_history_staggers_and_grows() -> None:
     assert firsts[0] == pytest.approx(PRIOR_FIRST)
     assert firsts == sorted(firsts) and firsts[-1] < 2 * PRIOR_FIRST
     assert planner.next_poll("m", 3.0, 2) == pytest.approx(6.0)
+
+
+def test_planner_scout_polls_early_until_the_model_has_history() -> None:
+    planner = PollPlanner()
+    assert planner.next_poll("m", 0.0, 0, 0.5, scout=True) == pytest.approx(SCOUT_FIRST)
+    later = planner.next_poll("m", 0.4, 3, 0.5, scout=True)
+    assert later == pytest.approx(0.4 * SCOUT_RATIO)
+    # everyone else waits for the prior
+    assert planner.next_poll("m", 0.0, 0, 0.0) == pytest.approx(PRIOR_FIRST)
+    planner.observe("m", 3.0)
+    # with a duration known, a scout is planned like any other job
+    assert planner.next_poll("m", 0.4, 3, scout=True) == planner.next_poll("m", 0.4, 3)
+
+
+async def test_a_fast_model_is_noticed_before_the_prior(
+    simulator_factory: Callable[..., Any], store: Store, manifest: FakeManifest
+) -> None:
+    """No job of the first wave waits PRIOR_FIRST when the model answers in 50 ms: the scout
+    sees the first finish, and every waiting poll is re-planned from it."""
+    sim = simulator_factory(workers=16, latency=(0.05, 0.05))
+    manifest.limits.poll_interval = None
+    manifest.limits.max_in_flight = 16
+    store.sync(specs(16))
+    provider = provider_for(sim)
+    summary = await Runner(store, provider, manifest).run()  # type: ignore[arg-type]
+    await provider.aclose()
+    assert summary.counts["done"] == 16
+    assert summary.elapsed < 0.6 * PRIOR_FIRST, summary.elapsed
+    results = sum(sim.metrics()["calls"]["by_endpoint"]["result"].values())
+    assert results <= 16 + 8, results  # the scout's few polls, then about one per job
 
 
 def test_planner_grid_from_history() -> None:
