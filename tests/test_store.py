@@ -20,7 +20,9 @@ from batchgen import migrations as schema
 from batchgen.errors import StateLockedError, StoreError, TransitionError
 from batchgen.plan import JobSpec
 from batchgen.store import (
+    CACHE_KIB,
     MAX_MESSAGE,
+    SYNC_CACHE_KIB,
     TERMINAL_STATES,
     TRANSITIONS,
     Job,
@@ -946,3 +948,27 @@ def test_job_dataclass_round_trips_json_columns(store: Store) -> None:
     raw = store.db.conn.execute("SELECT params, metadata, output_uris FROM jobs").fetchone()
     assert json.loads(raw[1]) == meta and json.loads(raw[2]) == []
     assert store.get("job00000").metadata == meta
+
+
+def test_page_cache_is_small_for_a_run_and_big_only_while_syncing(file_store: Store) -> None:
+    """S4: a run's cache stays CACHE_KIB (it would grow with the file); sync() plans a million
+    random ids with SYNC_CACHE_KIB, and gives it back even when the plan raises."""
+    conn = file_store.db.conn
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] == -CACHE_KIB
+    seen: list[int] = []
+
+    def plan() -> Iterator[JobSpec]:
+        seen.append(conn.execute("PRAGMA cache_size").fetchone()[0])
+        yield from specs(range(3))
+
+    file_store.sync(plan())
+    assert seen == [-SYNC_CACHE_KIB]
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] == -CACHE_KIB
+
+    def broken() -> Iterator[JobSpec]:
+        yield spec(9)
+        raise RuntimeError("the plan broke")
+
+    with pytest.raises(RuntimeError):
+        file_store.sync(broken())
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] == -CACHE_KIB
