@@ -20,10 +20,11 @@ Invariants:
   writes ``<dest>.part`` in the destination folder, fsyncs it and renames it into place only
   after the bytes proved to be a complete image. On any failure the ``.part`` file is removed.
   Memory use does not depend on the file size (fixed-size chunks, incremental hash).
-- :func:`fetch` never blocks the event loop on the disk and starts no thread per file: a body
-  that fits in one batch (1 MiB: every ordinary image) is held in memory, then written, fsynced,
-  checked, renamed, given its sidecar and its folder fsynced in one step on the loop's thread
-  pool; only a longer body gets a writer thread of its own while it streams.
+- :func:`fetch` starts no thread per file: a body that fits in one batch (1 MiB: every
+  ordinary image) is held in memory, then written, fsynced, checked, renamed, given its sidecar
+  and its folder fsynced in one step, inline (cheaper than a thread hand-off for small files);
+  only a longer body gets a writer thread while it streams, and its last step runs on the
+  loop's thread pool. One folder fsync makes both renames (image, sidecar) durable.
 """
 
 from __future__ import annotations
@@ -385,7 +386,8 @@ async def fetch(
 
     ``sidecar``: when given, ``sidecar(fetched)`` is written as the image's JSON sidecar
     (:func:`sidecar_path`, atomically) right after the image is renamed into place, and one
-    folder fsync makes both renames durable. It is called on a worker thread: it must only read.
+    folder fsync makes both renames durable. It may run on a worker thread (big bodies): it
+    must only read.
     """
     check_uri(uri)
     dest = Path(dest)
@@ -408,8 +410,13 @@ async def fetch(
                 error_class="timeout",
             ) from exc
         # Everything left touches the disk (write a small body, fsync, inspect, rename, sidecar,
-        # folder fsync): one step on a pooled worker thread, so the event loop never waits on
-        # the disk and no thread is started per file.
+        # folder fsync). For a body held in memory (at most one batch) it is done right here:
+        # measured at 2,000 small images, handing it to a pooled thread cost more than it saved
+        # (GIL hand-offs: 115-204 vs 16 context switches per job, CPU 4.7-5.3 vs 4.1-4.4 ms per
+        # job, 4 % fewer jobs/s). A big body's last step (checking it reads the file) goes to
+        # the thread pool.
+        if body.held is not None:
+            return _store(body, part, dest, uri, require_image, sidecar)
         return await _off_loop(_store, body, part, dest, uri, require_image, sidecar)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -87,8 +87,8 @@ PRIOR_FIRST = 2.0
 PRIOR_RATIO = 2.0
 #: meanwhile one "scout" job per model (the first one submitted while its model has no history)
 #: is polled from SCOUT_FIRST seconds on, each poll SCOUT_RATIO times the elapsed time, up to
-#: PRIOR_FIRST (about 8 calls per model and run, not per job); its finish (observed, then every waiting poll re-planned)
-#: tells the others when to look, so a model faster than PRIOR_FIRST is not waited on
+#: PRIOR_FIRST (about 8 calls per model and run, not per job); its finish (observed, then every
+#: waiting poll re-planned) tells the others when to look, so a fast model is not waited on
 SCOUT_FIRST = 0.1
 SCOUT_RATIO = 1.5
 #: with history, a job is polled at the quantiles 1/k, 2/k, … 1 of the durations seen: about
@@ -1077,7 +1077,7 @@ class Runner:
         root = self.output_root.resolve()
 
         def sidecar(fetched: download.Fetched) -> dict[str, Any]:
-            # called by fetch on its worker thread, between the rename and the folder fsync
+            # called by fetch (on a worker thread for big files) between the rename and the fsync
             timings = {
                 "submitted_at": job.submitted_at,
                 "remote_created_at": result.created_at if result else None,
