@@ -65,6 +65,11 @@ DEFAULT_MAX_BYTES: Final = 200_000_000
 DEFAULT_TIMEOUT: Final = 120.0
 DEFAULT_MAX_REDIRECTS: Final = 5
 CHUNK: Final = 64 * 1024
+#: download failures that the same URL will give again however often it is asked: the job fails
+#: at once instead of spending ``max_attempts`` downloads (up to 5 × ``max_bytes``) and backoffs
+PERMANENT_ERRORS: Final = frozenset(
+    {"bad_url", "unsafe_path", "too_large", "not_an_image", "redirect_loop", "bad_encoding"}
+)
 
 _WINDOWS_RESERVED: Final = frozenset(
     {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}

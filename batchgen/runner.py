@@ -1040,10 +1040,10 @@ class Runner:
                         return
                     except DownloadError as exc:
                         attempt += 1
-                        if attempt >= self.max_attempts:
-                            self.store.mark_failed(
-                                job.id, exc.error_class, f"{exc.message} (after {attempt} tries)"
-                            )
+                        permanent = exc.error_class in download.PERMANENT_ERRORS
+                        if permanent or attempt >= self.max_attempts:
+                            tries = "" if permanent else f" (after {attempt} tries)"
+                            self.store.mark_failed(job.id, exc.error_class, exc.message + tries)
                             self._counters["failed"] += 1
                             self._error(exc, job.id, "failed")
                             return

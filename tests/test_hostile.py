@@ -523,11 +523,6 @@ def test_nothing_is_left_behind(hostile_run: HostileRun) -> None:
             image.verify()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported defect: Runner._download retries every DownloadError up to max_attempts, "
-    "also refusals that cannot change (too_large, not_an_image, redirect_loop, bad_url)",
-)
 def test_refusals_that_cannot_change_are_not_retried(hostile_run: HostileRun) -> None:
     """A body over the cap or an HTML page is the same on the next try: one request each."""
     hits = hostile_run.server.file_hits
