@@ -26,14 +26,41 @@ Invariants:
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlite_utils import Database
 
-from .errors import StoreError
+def _import_sqlite_utils() -> None:
+    """Import ``sqlite_utils`` without the pandas and numpy it pulls in when they are installed.
+
+    sqlite-utils only uses them to map their scalar types to column types on insert, which
+    batchgen never does. Importing them cost every command 0.26 s of start-up and 80 MB of
+    memory (measured: batchgen's imports 0.51 -> 0.25 s, RSS 136 -> 53 MB). The block covers
+    this one import only (a ``None`` in ``sys.modules`` makes ``import`` raise ImportError):
+    a later ``import pandas`` works as usual, and when either is already loaded nothing changes.
+    """
+    if "sqlite_utils" in sys.modules:
+        return
+    blocked = [name for name in ("pandas", "numpy") if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        importlib.import_module("sqlite_utils")
+    finally:
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
+_import_sqlite_utils()
+
+from sqlite_utils import Database as Database  # noqa: E402 - after the guarded import above
+
+from .errors import StoreError  # noqa: E402
 
 #: a migration step: receives the database, runs inside the transaction the registry opened
 MigrationFn = Callable[[Database], None]

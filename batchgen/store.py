@@ -43,10 +43,10 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlite_utils import Database
-
 from .errors import StateLockedError, StoreError, TransitionError
-from .migrations import migrations
+
+# migrations imports sqlite_utils first, without pandas and numpy (see its _import_sqlite_utils)
+from .migrations import Database, migrations
 
 if TYPE_CHECKING:
     from .plan import JobSpec

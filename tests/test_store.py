@@ -972,3 +972,25 @@ def test_page_cache_is_small_for_a_run_and_big_only_while_syncing(file_store: St
     with pytest.raises(RuntimeError):
         file_store.sync(broken())
     assert conn.execute("PRAGMA cache_size").fetchone()[0] == -CACHE_KIB
+
+
+def test_store_import_leaves_pandas_and_numpy_out_but_importable() -> None:
+    """sqlite-utils would import pandas and numpy (0.26 s, 80 MB per command); batchgen's
+    import of it blocks them for that one import only."""
+    code = textwrap.dedent(
+        """
+        import importlib.util, sys
+        import batchgen.store
+        import sqlite_utils.db
+        assert "pandas" not in sys.modules and "numpy" not in sys.modules, "imported"
+        assert sqlite_utils.db.pd is None and sqlite_utils.db.np is None
+        for name in ("numpy", "pandas"):
+            if importlib.util.find_spec(name) is not None:
+                importlib.import_module(name)  # still importable afterwards
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
