@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -379,13 +380,27 @@ class Store:
             conn.close()
             raise
 
+    def _switch_to_wal(self, busy_timeout: float) -> str:
+        """``PRAGMA journal_mode = WAL``, waiting out other openers of a fresh file."""
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                return str(self.db.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                # The switch takes the file exclusively for a moment, and SQLite reports another
+                # connection opening the same fresh file (`run` and `status` started together)
+                # as "locked" at once, without waiting on busy_timeout: wait for it here.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+
     def _configure(self, busy_timeout: float) -> None:
         conn = self.db.conn
         # busy_timeout first: switching to WAL needs a moment of exclusive access.
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         conn.execute("PRAGMA foreign_keys = ON")
         if self.path is not None and not self.readonly:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._switch_to_wal(busy_timeout)
             if mode != "wal":
                 raise StoreError(f"cannot switch {self.path} to WAL (journal_mode is {mode})")
         # NORMAL is safe in WAL: the file is never corrupted and a process crash loses nothing;
