@@ -30,6 +30,9 @@ def test_command_has_help_with_example(name: str) -> None:
     assert isinstance(command, click.Command)
     assert command.help, f"`batchgen {name}` has no help text"
     assert "Example" in command.help, f"`batchgen {name}` help has no Example: block"
+    # click rewraps paragraphs: an example block needs \\b so each command stays on its line
+    example = command.help.split("Example:", 1)[1]
+    assert "\b" in example, f"`batchgen {name}`: put \\b before the example lines"
 
 
 def test_readme_first_screen_shows_the_two_commands() -> None:

@@ -43,6 +43,7 @@ def cli(verbose: int) -> None:
 
     Example:
 
+    \b
         batchgen validate manifests/demo.yaml
         batchgen plan manifests/demo.yaml
         batchgen run manifests/demo.yaml

@@ -54,6 +54,7 @@ def export(
 
     Example:
 
+    \b
         batchgen export manifests/demo.yaml
         batchgen export manifests/demo.yaml --format csv --format parquet
     """
@@ -159,6 +160,7 @@ def grid(
 
     Example:
 
+    \b
         batchgen grid manifests/demo.yaml --x aspect_ratio --y prompt --out sheet.png
         batchgen grid manifests/demo.yaml --x seed --y prompt --z resolution --where model=...
     """
