@@ -163,25 +163,19 @@ def _record_lines(
             _record_lines(item, path, lines, issues, file)
 
 
+#: parser events that are a node (a key or a value), as opposed to the end of a collection
+_NODE_EVENTS = (yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent, yaml.AliasEvent)
+
+
 def _syntax_error_path(text: str) -> str:
     """The dotted key path the parser had reached when it failed (best effort, for messages)."""
     stack: list[list[Any]] = []  # [kind, key-or-index, expecting_key]
     last = ""
     try:
         for event in yaml.parse(text, Loader=_LineLoader):
-            if (
-                stack
-                and stack[-1][0] == "map"
-                and isinstance(
-                    event,
-                    (
-                        yaml.ScalarEvent,
-                        yaml.MappingStartEvent,
-                        yaml.SequenceStartEvent,
-                        yaml.AliasEvent,
-                    ),
-                )
-            ):
+            # a node (not an end marker) inside the innermost collection: a key or a value
+            is_node = isinstance(event, _NODE_EVENTS)
+            if is_node and stack and stack[-1][0] == "map":
                 frame = stack[-1]
                 if frame[2]:  # this event is a key
                     frame[1] = event.value if isinstance(event, yaml.ScalarEvent) else "?"
@@ -189,19 +183,7 @@ def _syntax_error_path(text: str) -> str:
                     last = _path_str([f[1] for f in stack if f[1] is not None])
                     continue
                 frame[2] = True
-            elif (
-                stack
-                and stack[-1][0] == "seq"
-                and isinstance(
-                    event,
-                    (
-                        yaml.ScalarEvent,
-                        yaml.MappingStartEvent,
-                        yaml.SequenceStartEvent,
-                        yaml.AliasEvent,
-                    ),
-                )
-            ):
+            elif is_node and stack and stack[-1][0] == "seq":
                 stack[-1][1] = -1 if stack[-1][1] is None else stack[-1][1]
                 stack[-1][1] += 1
                 last = _path_str([f[1] for f in stack if f[1] is not None])
