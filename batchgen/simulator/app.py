@@ -256,6 +256,16 @@ class SimulatorState:
             return api_error(404001, f"ResourceNotFound: no request with id {request_id!r}")
         return found
 
+    def _gate_and_lookup(self, request: Request) -> tuple[SimRequest, bool] | Response:
+        """What every call on a request id does first: the gate, then the id (404001 if unknown)."""
+        early, slow = self._gate(request)
+        if early is not None:
+            return early
+        sim = self._lookup(request)
+        if isinstance(sim, Response):
+            return sim
+        return sim, slow
+
     # API endpoints -------------------------------------------------------------------------
 
     async def submit(self, request: Request) -> Response:
@@ -338,12 +348,10 @@ class SimulatorState:
 
     async def status(self, request: Request) -> Response:
         """``GET /v1/requests/{id}/status``."""
-        early, slow = self._gate(request)
-        if early is not None:
-            return early
-        sim = self._lookup(request)
-        if isinstance(sim, Response):
-            return sim
+        gated = self._gate_and_lookup(request)
+        if isinstance(gated, Response):
+            return gated
+        sim, slow = gated
         self._seen(sim, via_result=False)
         body: dict[str, Any] = {"request_id": sim.request_id, "status": self.status_word(sim)}
         position = self.pool.queue_position(sim)
@@ -356,12 +364,10 @@ class SimulatorState:
 
     async def result(self, request: Request) -> Response:
         """``GET /v1/requests/{id}/result[?include_cost=true]``."""
-        early, slow = self._gate(request)
-        if early is not None:
-            return early
-        sim = self._lookup(request)
-        if isinstance(sim, Response):
-            return sim
+        gated = self._gate_and_lookup(request)
+        if isinstance(gated, Response):
+            return gated
+        sim, slow = gated
         self._seen(sim, via_result=True)
         body: dict[str, Any] = {"request_id": sim.request_id, "status": sim.state.value}
         if sim.state is RequestState.SUCCEEDED:
@@ -385,12 +391,10 @@ class SimulatorState:
 
     async def cancel(self, request: Request) -> Response:
         """``POST /v1/requests/{id}/cancel``: cancels only a queued request (202 either way)."""
-        early, slow = self._gate(request)
-        if early is not None:
-            return early
-        sim = self._lookup(request)
-        if isinstance(sim, Response):
-            return sim
+        gated = self._gate_and_lookup(request)
+        if isinstance(gated, Response):
+            return gated
+        sim, slow = gated
         if self.pool.cancel(sim):
             self._finished(sim)
         # Cancelling twice answers as the first time did, so a retried cancel is harmless.
