@@ -12,10 +12,12 @@ run), 2 bad manifest or usage, 3 fatal provider error (auth, funds), 130 interru
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -492,6 +494,21 @@ def _duration(seconds: float) -> str:
 # -- retry / cancel ----------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _locked_state(manifest: Manifest) -> Iterator[Store | None]:
+    """The manifest's state held with the runner lock (writers refuse while a run goes);
+    None when there is no state yet, which is never created just to be changed."""
+    if not manifest.state.exists():
+        yield None
+        return
+    store = Store(manifest.state)
+    try:
+        with store.lock():
+            yield store
+    finally:
+        store.close()
+
+
 @cli.command("retry")
 @manifest_argument
 @state_option
@@ -528,15 +545,11 @@ def retry_command(
     if not states:
         raise click.UsageError("say which jobs: --failed, --unknown and/or --cancelled")
     manifest = load(manifest_path, state_path)
-    if not manifest.state.exists():
-        click.echo(f"no state at {manifest.state}: nothing to retry")
-        return
-    store = Store(manifest.state)
-    try:
-        with store.lock():
-            n = store.reset(states)
-    finally:
-        store.close()
+    with _locked_state(manifest) as store:
+        if store is None:
+            click.echo(f"no state at {manifest.state}: nothing to retry")
+            return
+        n = store.reset(states)
     names = "/".join(s.value for s in states)
     click.echo(f"{n:,} {names} job{'s' * (n != 1)} back to pending: `batchgen run` submits them")
 
@@ -590,16 +603,12 @@ def cancel_command(manifest_path: Path, state_path: Path | None) -> None:
         batchgen cancel manifests/demo.yaml
     """
     manifest = load(manifest_path, state_path)
-    if not manifest.state.exists():
-        click.echo(f"no state at {manifest.state}: nothing to cancel")
-        return
-    store = Store(manifest.state)
-    try:
-        with store.lock():
-            pending = store.cancel_pending()
-            cancelled, running, errors = asyncio.run(_cancel_remote(store, manifest))
-    finally:
-        store.close()
+    with _locked_state(manifest) as store:
+        if store is None:
+            click.echo(f"no state at {manifest.state}: nothing to cancel")
+            return
+        pending = store.cancel_pending()
+        cancelled, running, errors = asyncio.run(_cancel_remote(store, manifest))
     click.echo(
         f"cancelled {pending:,} pending job{'s' * (pending != 1)} and {cancelled:,} queued "
         f"request{'s' * (cancelled != 1)}"
